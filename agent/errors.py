@@ -1,0 +1,42 @@
+"""The agent's one error root and its subclasses.
+
+Every error names the file, key or tensor it is about and, where it can, what to do.
+"""
+
+
+class AgentError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+    exit_code = 1
+
+
+class BundleError(AgentError):
+    """A bundle is malformed, truncated, unsafe or fails a hash check."""
+
+
+class SignatureError(BundleError):
+    """A bundle's signature is missing, invalid or made by a key the device does not trust."""
+
+
+class ManifestError(BundleError):
+    """A manifest does not follow the bundle schema."""
+
+
+class CompatibilityError(BundleError):
+    """A bundle was built for another architecture or runtime than this device has."""
+
+
+class RuntimeMissingError(AgentError):
+    """The runtime a model needs is not installed on this device."""
+
+
+class ModelError(AgentError):
+    """A model failed to load or to run in its runtime."""
+
+
+class InputError(AgentError):
+    """Inference input does not match what the model expects."""
+
+
+class KeyringError(AgentError):
+    """A trusted key file cannot be read or parsed."""

@@ -1,0 +1,221 @@
+"""Load a .tflite or .onnx model in the best installed runtime and run it with float I/O.
+
+TFLite models run in LiteRT (``ai_edge_litert``), else ``tflite_runtime``, else ``tensorflow.lite``
+(development hosts only). ONNX models run in ONNX Runtime. Quantized inputs are quantized and
+quantized outputs dequantized with each tensor's scale/zero-point, so callers always speak float32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from agent.errors import InputError, ModelError, RuntimeMissingError
+from agent.manifest import TensorSpec
+
+TFLITE_RUNTIMES = (
+    ("litert", "ai_edge_litert.interpreter", "pip install ai-edge-litert"),
+    ("tflite-runtime", "tflite_runtime.interpreter", "pip install tflite-runtime (32-bit ARM, numpy<2)"),
+    ("tensorflow", "tensorflow.lite", "pip install tensorflow (development hosts only)"),
+)
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
+                "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64",
+                "tensor(bool)": "bool", "tensor(int16)": "int16"}
+
+
+def tflite_interpreter_class(prefer: str | None = None) -> tuple[str, Any]:
+    """The first importable TFLite interpreter (name, class); ``prefer`` tries one runtime first."""
+    order = sorted(TFLITE_RUNTIMES, key=lambda r: r[0] != prefer)
+    for name, module, _ in order:
+        try:
+            return name, importlib.import_module(module).Interpreter
+        except ImportError:
+            continue
+    raise RuntimeMissingError("no TFLite runtime is installed; install one of: "
+                              + "; ".join(hint for _, _, hint in TFLITE_RUNTIMES[:2]))
+
+
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Float array to the tensor's storage dtype (affine quantization when the tensor has it)."""
+    dt = np.dtype(spec.dtype)
+    if spec.quantized and dt.kind in "iu":
+        info = np.iinfo(dt)
+        q = np.round(np.asarray(x, np.float32) / spec.scale + spec.zero_point)
+        return np.clip(q, info.min, info.max).astype(dt)
+    return np.asarray(x).astype(dt, copy=False)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    if spec.quantized:
+        return ((q.astype(np.float32) - np.float32(spec.zero_point)) * np.float32(spec.scale))
+    return q.astype(np.float32, copy=False) if q.dtype.kind == "f" else q
+
+
+class Model:
+    """A loaded model. ``predict`` is thread-safe (calls are serialized per model)."""
+
+    def __init__(self, path: Path, runtime: str, inputs: tuple[TensorSpec, ...],
+                 outputs: tuple[TensorSpec, ...]):
+        self.path, self.runtime = path, runtime
+        self.inputs, self.outputs = inputs, outputs
+        self._lock = threading.Lock()
+
+    def predict(self, feed: Mapping[str, Any] | Sequence[Any] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run a batch. ``feed`` is one array (single input), a list in input order, or a name map."""
+        arrays = self._arrange(feed)
+        with self._lock:
+            return self._run(arrays)
+
+    def _arrange(self, feed: Any) -> list[np.ndarray]:
+        if isinstance(feed, Mapping):
+            missing = [s.name for s in self.inputs if s.name not in feed]
+            unknown = sorted(set(feed) - {s.name for s in self.inputs})
+            if missing or unknown:
+                raise InputError(f"inputs do not match model {self.path.name}: missing {missing}, "
+                                 f"unknown {unknown}; expected {[s.name for s in self.inputs]}")
+            feed = [feed[s.name] for s in self.inputs]
+        elif isinstance(feed, np.ndarray) or not isinstance(feed, (list, tuple)):
+            feed = [feed]
+        if len(feed) != len(self.inputs):
+            raise InputError(f"model {self.path.name} takes {len(self.inputs)} inputs, got {len(feed)}")
+        out = []
+        for spec, x in zip(self.inputs, feed):
+            try:
+                a = np.asarray(x, dtype=np.float32 if np.dtype(spec.dtype).kind == "f" or spec.quantized
+                               else spec.dtype)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"input {spec.name!r}: not a numeric array ({exc})") from exc
+            want = spec.shape[1:]
+            if a.ndim == len(want):  # a single sample without its batch dimension
+                a = a[None]
+            if a.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(want, a.shape[1:])):
+                raise InputError(f"input {spec.name!r}: expected shape (N, {', '.join(map(str, want))}), "
+                                 f"got {tuple(a.shape)}")
+            out.append(a)
+        if len({a.shape[0] for a in out}) > 1:
+            raise InputError("all inputs must have the same batch size")
+        return out
+
+    def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class TFLiteModel(Model):
+    def __init__(self, path: Path, threads: int, prefer: str | None):
+        runtime, cls = tflite_interpreter_class(prefer)
+        try:
+            self._it = cls(model_path=str(path), num_threads=threads)
+            self._it.allocate_tensors()
+        except Exception as exc:  # runtimes raise ValueError/RuntimeError/SystemError
+            raise ModelError(f"{path}: {runtime} could not load the model ({exc})") from exc
+        sigs = self._it.get_signature_list()
+        if sigs:
+            runner = self._it.get_signature_runner(next(iter(sigs)))
+            ins = list(runner.get_input_details().items())
+            outs = list(runner.get_output_details().items())
+        else:
+            ins = [(d["name"], d) for d in self._it.get_input_details()]
+            outs = [(d["name"], d) for d in self._it.get_output_details()]
+        self._in_idx = [d["index"] for _, d in ins]
+        self._out_idx = [d["index"] for _, d in outs]
+        self._shapes = {d["index"]: tuple(int(s) for s in d["shape"]) for _, d in ins}
+        self._batch1 = [int(d["shape_signature"][0]) == 1 if len(d["shape_signature"]) else True
+                        for _, d in ins]
+        super().__init__(path, runtime, tuple(_tflite_spec(n, d) for n, d in ins),
+                         tuple(_tflite_spec(n, d) for n, d in outs))
+
+    def ops(self) -> list[str]:
+        return sorted({op["op_name"] for op in self._it._get_ops_details()} - {"DELEGATE"})
+
+    def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        n = arrays[0].shape[0]
+        if n > 1 and any(self._batch1):
+            parts = [self._run([a[i:i + 1] for a in arrays]) for i in range(n)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        it = self._it
+        if any(self._shapes.get(i) != a.shape for i, a in zip(self._in_idx, arrays)):
+            for idx, a in zip(self._in_idx, arrays):
+                it.resize_tensor_input(idx, a.shape, strict=False)
+            it.allocate_tensors()
+            self._shapes = {i: a.shape for i, a in zip(self._in_idx, arrays)}
+        for idx, spec, a in zip(self._in_idx, self.inputs, arrays):
+            it.set_tensor(idx, quantize(a, spec))
+        try:
+            it.invoke()
+        except Exception as exc:
+            raise ModelError(f"{self.path.name}: inference failed ({exc})") from exc
+        return {s.name: dequantize(it.get_tensor(i), s) for s, i in zip(self.outputs, self._out_idx)}
+
+    def invoke(self) -> None:
+        """Raw runtime call on whatever is in the input tensors (for benchmarks)."""
+        self._it.invoke()
+
+    def set_raw(self, arrays: list[np.ndarray]) -> None:
+        for idx, spec, a in zip(self._in_idx, self.inputs, arrays):
+            self._it.set_tensor(idx, quantize(a, spec))
+
+
+class ONNXModel(Model):
+    def __init__(self, path: Path, threads: int, providers: Sequence[str] | None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeMissingError("ONNX Runtime is not installed; pip install onnxruntime") from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        avail = ort.get_available_providers()
+        chosen = [p for p in (providers or []) if p in avail] or ["CPUExecutionProvider"]
+        try:
+            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented
+            raise ModelError(f"{path}: ONNX Runtime could not load the model ({exc})") from exc
+        spec = lambda t: TensorSpec(t.name, _ONNX_DTYPES.get(t.type, "float32"),  # noqa: E731
+                                    tuple(s if isinstance(s, int) else -1 for s in t.shape))
+        super().__init__(path, "onnxruntime", tuple(spec(t) for t in self._sess.get_inputs()),
+                         tuple(spec(t) for t in self._sess.get_outputs()))
+        self._feed: dict[str, np.ndarray] = {}
+
+    def ops(self) -> list[str]:
+        import onnx
+        return sorted({n.op_type for n in onnx.load(str(self.path), load_external_data=False).graph.node})
+
+    def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {s.name: quantize(a, s) for s, a in zip(self.inputs, arrays)}
+        try:
+            res = self._sess.run(None, feed)
+        except Exception as exc:
+            raise ModelError(f"{self.path.name}: inference failed ({exc})") from exc
+        return {s.name: dequantize(np.asarray(r), s) for s, r in zip(self.outputs, res)}
+
+    def invoke(self) -> None:
+        self._sess.run(None, self._feed)
+
+    def set_raw(self, arrays: list[np.ndarray]) -> None:
+        self._feed = {s.name: quantize(a, s) for s, a in zip(self.inputs, arrays)}
+
+
+def load_model(path: str | Path, *, threads: int = 1, prefer: str | None = None,
+               providers: Sequence[str] | None = None) -> Model:
+    """Load a model file; the runtime family follows the file suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    if path.suffix == ".tflite":
+        return TFLiteModel(path, threads, prefer)
+    if path.suffix == ".onnx":
+        return ONNXModel(path, threads, providers)
+    raise ModelError(f"{path}: unknown model format (expected .tflite or .onnx)")
+
+
+def _tflite_spec(name: str, d: dict[str, Any]) -> TensorSpec:
+    scale, zp = d.get("quantization", (0.0, 0))
+    sig = d.get("shape_signature")
+    shape = tuple(int(s) for s in (sig if sig is not None and len(sig) else d["shape"]))
+    return TensorSpec(name, np.dtype(d["dtype"]).name, shape,
+                      float(scale) if scale else None, int(zp) if scale else None)

@@ -1,0 +1,356 @@
+"""`edgeship` - the host CLI. Heavy libraries load inside commands, so `--help` stays instant.
+
+Errors from toolkit and agent are turned into one clean message here (exit 1; usage errors exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.errors import AgentError
+from toolkit.errors import ToolkitError
+from toolkit.settings import Settings
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ToolkitError, AgentError) as exc:
+            err = click.ClickException(str(exc))
+            err.exit_code = getattr(exc, "exit_code", 1)
+            raise err from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", envvar="EDGESHIP_HOME", type=click.Path(file_okay=False),
+              help="State folder: keys, registry, runtimes [env EDGESHIP_HOME; default ~/.edgeship].")
+@click.option("--profiles-dir", multiple=True, type=click.Path(file_okay=False),
+              help="Extra folder of device profile .toml files (repeatable).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
+@click.version_option(package_name="edgeship")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, profiles_dir: tuple[str, ...], verbose: bool) -> None:
+    """edgeship: optimize, validate, sign and ship models to device fleets."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = Settings.resolve(home, profiles_dir)
+
+
+def _dirs(s: Settings) -> list[Path]:
+    from toolkit.profiles import search_dirs
+
+    return search_dirs(list(s.profiles_dirs))
+
+
+def _emit(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+class _Progress:
+    """One updating status line on a terminal, plain timestamped lines otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        self.start, self.quiet, self.tty = time.monotonic(), quiet, sys.stderr.isatty()
+
+    def __call__(self, msg: str) -> None:
+        if self.quiet:
+            return
+        line = f"[{time.monotonic() - self.start:6.1f}s] {msg}"
+        if self.tty:
+            click.echo(f"\r\x1b[2K{line}", nl=False, err=True)
+        else:
+            click.echo(line, err=True)
+
+    def done(self) -> None:
+        if self.tty and not self.quiet:
+            click.echo("", err=True)
+
+
+# ---------------------------------------------------------------- build
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("-p", "--profile", "profiles", multiple=True, required=True,
+              help="Device profile name or .toml path (repeatable).")
+@click.option("--validation", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help=".npz with one array per model input (or x) and optional labels y.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npz of representative inputs for int8 calibration (default: validation data).")
+@click.option("--train", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npz with inputs and labels y, for --prune / --qat fine-tuning.")
+@click.option("--name", help="Model name in the bundle and registry [default: file stem].")
+@click.option("--version", "version", type=int, help="Bundle version [default: registry latest + 1].")
+@click.option("--meta", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSON with labels, preprocessing and postprocessing metadata.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"),
+              show_default=True, help="Output folder for bundles, summary and report.")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Ed25519 signing key [default: HOME/keys/signing.pem, created on first use].")
+@click.option("--prune", type=float, help="Magnitude-prune to this sparsity before converting (needs --train).")
+@click.option("--qat", is_flag=True, help="Add a quantization-aware-trained int8 variant (needs --train).")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
+@click.option("--no-selective", is_flag=True, help="Do not try to repair a failing int8 model.")
+@click.option("--quick", is_flag=True, help="Short latency runs (smoke tests; numbers are rough).")
+@click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
+@click.pass_obj
+def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path, calibration: Path | None,
+          train: Path | None, name: str | None, version: int | None, meta: Path | None, out: Path,
+          key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool, quick: bool,
+          as_json: bool) -> None:
+    """Convert MODEL for each device profile, validate every variant and write signed bundles."""
+    from toolkit.build import BuildFailed, BuildOptions, build as run_build, write_summary
+    from toolkit.errors import InputError
+    from toolkit.measure import LatencyConfig
+    from toolkit.profiles import find_profile
+    from toolkit.registry import Registry
+    from toolkit.report import write_report
+    from toolkit.signing import load_key, load_or_create
+
+    profs = [find_profile(p, _dirs(s)) for p in profiles]
+    meta_doc: dict[str, Any] = {}
+    if meta:
+        try:
+            meta_doc = json.loads(meta.read_text())
+            assert isinstance(meta_doc, dict)
+        except (ValueError, AssertionError) as exc:
+            raise InputError(f"{meta}: expected a JSON object with labels/preprocessing/postprocessing") from exc
+    signing = load_key(key) if key else load_or_create(s.key_path)
+    registry = Registry(s.registry_path)
+    latency = LatencyConfig(runs=10, seconds=0.1, warmup_seconds=0.05) if quick else LatencyConfig()
+    progress = _Progress(quiet=as_json and not sys.stderr.isatty())
+    opts = BuildOptions(model=model, profiles=profs, validation=validation, calibration=calibration,
+                        train=train, name=name, version=version, meta=meta_doc, out_dir=out,
+                        key=signing, registry=registry, prune=prune, qat=qat, epochs=epochs,
+                        latency=latency, runtime_pythons=s.runtime_pythons(), selective=not no_selective)
+    failed: BuildFailed | None = None
+    try:
+        result = run_build(opts, progress)
+    except BuildFailed as exc:
+        failed, result = exc, exc.result
+    finally:
+        progress.done()
+        registry.close()
+    out.mkdir(parents=True, exist_ok=True)
+    summary = out / f"{result.name}-v{result.version}.json"
+    report = out / f"{result.name}-v{result.version}.html"
+    write_summary(result, summary)
+    write_report(result, report)
+    if as_json:
+        _emit(result.to_dict())
+    else:
+        click.echo(result.table())
+        for n in result.notes:
+            click.echo(f"note: {n}")
+        for p in result.profiles:
+            for n in p.notes + [f"{v.precision}: {x}" for v in p.variants for x in v.notes]:
+                click.echo(f"note [{p.profile.name}]: {n}")
+            if p.bundle:
+                click.echo(f"bundle [{p.profile.name}]: {p.bundle} ({p.chosen.precision if p.chosen else ''})")
+        click.echo(f"summary: {summary}\nreport:  {report}")
+    if failed:
+        raise failed
+
+
+# ---------------------------------------------------------------- profiles
+@cli.group()
+def profiles() -> None:
+    """Device profiles."""
+
+
+@profiles.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def profiles_list(s: Settings, as_json: bool) -> None:
+    """List known device profiles."""
+    from toolkit.profiles import list_profiles
+
+    profs = list_profiles(_dirs(s))
+    if as_json:
+        return _emit([p.summary() for p in profs])
+    for p in profs:
+        click.echo(f"{p.name:<18} {p.arch:<8} {p.runtime} {p.runtime_version:<8} "
+                   f"{','.join(p.precisions):<30} {p.description}")
+
+
+@profiles.command("show")
+@click.argument("name")
+@click.pass_obj
+def profiles_show(s: Settings, name: str) -> None:
+    """Show one profile, validated."""
+    from toolkit.profiles import find_profile
+
+    _emit(find_profile(name, _dirs(s)).summary())
+
+
+# ---------------------------------------------------------------- keys
+@cli.group()
+def keys() -> None:
+    """Signing keys."""
+
+
+@keys.command("generate")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key path [default: HOME/keys/signing.pem]; the .pub goes beside it.")
+@click.option("--force", is_flag=True, help="Replace an existing key.")
+@click.pass_obj
+def keys_generate(s: Settings, out: Path | None, force: bool) -> None:
+    """Create an Ed25519 signing key pair. Copy the .pub to devices' keyrings."""
+    from toolkit.signing import generate_key
+
+    k = generate_key(out or s.key_path, force=force)
+    click.echo(f"key id {k.key_id}\nprivate {k.path} (keep secret)\npublic  {k.path.with_suffix('.pub')}")
+
+
+# ---------------------------------------------------------------- bundle
+@cli.group()
+def bundle() -> None:
+    """Inspect and verify bundles."""
+
+
+@bundle.command("inspect")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def bundle_inspect(path: Path, as_json: bool) -> None:
+    """Show a bundle's manifest (NOT verified: use `bundle verify`)."""
+    from agent.bundle import inspect_bundle
+
+    doc, kid = inspect_bundle(path)
+    if as_json:
+        return _emit(doc)
+    click.echo(f"{doc.get('name')} v{doc.get('version')}  profile {doc.get('profile')}  "
+               f"{doc.get('format')}/{doc.get('precision')}  signed by {kid} (unverified)")
+    rt = doc.get("runtime", {})
+    click.echo(f"runtime {rt.get('name')} >= {rt.get('min_version')}, {rt.get('threads')} threads, "
+               f"arch {doc.get('arch')}")
+    for kind in ("inputs", "outputs"):
+        for t in doc.get(kind, []):
+            q = t.get("quantization")
+            click.echo(f"  {kind[:-1]:<6} {t['name']:<20} {t['dtype']:<8} {t['shape']}"
+                       + (f"  scale={q['scale']:.6g} zp={q['zero_point']}" if q else ""))
+    for f in doc.get("files", []):
+        click.echo(f"  file   {f['path']:<20} {f['size']:>10} B  sha256 {f['sha256'][:16]}…")
+    click.echo(f"metrics {json.dumps(doc.get('metrics', {}), sort_keys=True)}")
+
+
+@bundle.command("verify")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--keyring", type=click.Path(exists=True, path_type=Path),
+              help="Trusted .pub file or folder [default: HOME/keys].")
+@click.pass_obj
+def bundle_verify(s: Settings, path: Path, keyring: Path | None) -> None:
+    """Verify signature, structure and every file hash; load the model and replay the golden set."""
+    import tempfile
+
+    from agent.bundle import extract_bundle
+    from agent.golden import replay
+    from agent.keys import Keyring
+    from agent.runtime import load_model
+
+    with tempfile.TemporaryDirectory(prefix="edgeship-verify-") as tmp:
+        folder = Path(tmp) / "bundle"
+        m = extract_bundle(path, Keyring.load(keyring or s.keyring_path), folder)
+        click.echo(f"signature OK: {m.id} ({m.profile}, {m.format}/{m.precision}) signed by {m.key_id}; "
+                   f"{len(m.files)} file hashes OK")
+        model = load_model(folder / m.model_file, threads=1)
+        worst = replay(model, m, folder)
+        click.echo(f"golden set OK: {m.golden['count']} samples in {model.runtime}, "
+                   f"max |error| {worst:.3g} <= atol {m.golden['atol']:g}")
+
+
+# ---------------------------------------------------------------- models
+@cli.group()
+def models() -> None:
+    """The build registry."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def models_list(s: Settings, as_json: bool) -> None:
+    """Models in the registry with their latest version."""
+    from toolkit.registry import Registry
+
+    reg = Registry(s.registry_path)
+    rows = reg.models()
+    reg.close()
+    if as_json:
+        return _emit(rows)
+    click.echo(f"{'model':<20} {'latest':>6} {'builds':>6}  profiles")
+    for r in rows:
+        click.echo(f"{r['model']:<20} {r['latest']:>6} {r['builds']:>6}  {r['profiles']}")
+
+
+@models.command("history")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def models_history(s: Settings, name: str, as_json: bool) -> None:
+    """Every build of NAME: version, profile, variant, size, bundle."""
+    from toolkit.registry import Registry
+
+    reg = Registry(s.registry_path)
+    rows = reg.history(name)
+    reg.close()
+    if not rows:
+        raise ToolkitError(f"no builds of model {name!r} in {s.registry_path}")
+    if as_json:
+        return _emit(rows)
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        click.echo(f"v{r['version']:<4} {r['profile']:<18} {r['variant']:<15} {r['size_bytes']:>9} B  "
+                   f"{when}  {r['bundle_path']}")
+
+
+# ---------------------------------------------------------------- runtimes
+@cli.group()
+def runtimes() -> None:
+    """Device runtimes installed on this host for exact load checks."""
+
+
+@runtimes.command("install")
+@click.argument("profile")
+@click.pass_obj
+def runtimes_install(s: Settings, profile: str) -> None:
+    """Install PROFILE's runtime (e.g. tflite-runtime 2.14 + numpy<2) into a venv under HOME."""
+    from toolkit.profiles import find_profile
+    from toolkit.runtimes import install
+
+    p = find_profile(profile, _dirs(s))
+    py = install(p, s.runtime_env(p.runtime, p.runtime_version))
+    click.echo(f"{p.runtime} {p.runtime_version} ready: {py}")
+
+
+@runtimes.command("list")
+@click.pass_obj
+def runtimes_list(s: Settings) -> None:
+    """Installed runtime environments."""
+    for name, py in s.runtime_pythons().items():
+        click.echo(f"{name:<28} {py}")
+
+
+# ---------------------------------------------------------------- demo
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to put the example model and bundles [default: HOME/demo].")
+@click.option("--quick", is_flag=True, help="Short latency runs.")
+@click.pass_obj
+def demo(s: Settings, workdir: Path | None, quick: bool) -> None:
+    """Train the digits example, build it for three profiles, verify and run a bundle."""
+    from toolkit.demo import run_demo
+
+    run_demo(s, workdir or s.home / "demo", quick=quick, echo=click.echo)
+
+
+def main() -> None:
+    cli(prog_name="edgeship")
+
+
+if __name__ == "__main__":
+    main()

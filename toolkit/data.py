@@ -1,0 +1,79 @@
+"""Calibration, validation and training data: ``.npz`` files checked against the model's inputs.
+
+An npz holds one array per model input, keyed by input name (``x`` also works for a single input),
+and optionally labels under ``y``. Everything is checked (keys, shapes, dtypes, finiteness) and
+refused with a message naming the file and the array.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.errors import InputError
+from toolkit.ingest import IOSpec
+
+LABEL_KEYS = ("y", "labels")
+
+
+@dataclass
+class Dataset:
+    path: Path
+    sha256: str
+    inputs: list[np.ndarray]  # in model input order, float32
+    labels: np.ndarray | None
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def take(self, n: int) -> list[np.ndarray]:
+        return [a[:n] for a in self.inputs]
+
+
+def load_dataset(path: str | Path, specs: list[IOSpec], role: str) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{role} data {path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{role} data {path}: not a readable .npz file ({exc})") from exc
+    names = [s.name for s in specs]
+    if all(n in arrays for n in names):
+        keys = names
+    elif len(specs) == 1 and "x" in arrays:
+        keys = ["x"]
+    else:
+        raise InputError(f"{role} data {path}: needs one array per model input named "
+                         f"{names}{' (or x)' if len(specs) == 1 else ''}; found {sorted(arrays)}")
+    inputs = []
+    for spec, key in zip(specs, keys):
+        a = arrays[key]
+        where = f"{role} data {path}: array {key!r}"
+        if a.dtype.kind not in "fiub":
+            raise InputError(f"{where} has dtype {a.dtype}; expected numbers for input {spec.name!r}")
+        want = spec.shape[1:]
+        if a.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(want, a.shape[1:])):
+            shown = "(N, " + ", ".join("?" if w == -1 else str(w) for w in want) + ")"
+            raise InputError(f"{where} has shape {a.shape}; model input {spec.name!r} expects {shown}")
+        if a.shape[0] == 0:
+            raise InputError(f"{where} is empty")
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise InputError(f"{where} contains NaN or Inf")
+        inputs.append(a)
+    if len({a.shape[0] for a in inputs}) > 1:
+        raise InputError(f"{role} data {path}: input arrays have different sample counts")
+    labels = next((arrays[k] for k in LABEL_KEYS if k in arrays), None)
+    if labels is not None:
+        if labels.shape[0] != inputs[0].shape[0] or labels.dtype.kind not in "iu":
+            raise InputError(f"{role} data {path}: labels 'y' must be integer class ids, one per "
+                             f"sample ({inputs[0].shape[0]}); got shape {labels.shape} {labels.dtype}")
+        labels = labels.reshape(-1).astype(np.int64)
+    return Dataset(path, hashlib.sha256(path.read_bytes()).hexdigest(), inputs, labels)

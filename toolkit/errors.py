@@ -1,0 +1,39 @@
+"""The toolkit's one error root. The CLI turns these into clean messages and exit codes."""
+
+
+class ToolkitError(Exception):
+    """Root of every error the host toolkit raises on purpose."""
+
+    exit_code = 1
+
+
+class ProfileError(ToolkitError):
+    """A device profile is missing, malformed or describes a device that cannot exist."""
+
+
+class InputError(ToolkitError):
+    """A model file or a data file given by the user cannot be used."""
+
+
+class ConversionError(ToolkitError):
+    """A variant could not be produced (converter failure, quantization impossible, bad ops)."""
+
+
+class ValidationError(ToolkitError):
+    """No variant passed the validation gate; carries the table of reasons."""
+
+    def __init__(self, message: str, table: str = ""):
+        super().__init__(message + (f"\n{table}" if table else ""))
+        self.table = table
+
+
+class BundleError(ToolkitError):
+    """A bundle cannot be written, read or verified."""
+
+
+class SigningKeyError(ToolkitError):
+    """A signing key is missing or unreadable."""
+
+
+class RegistryError(ToolkitError):
+    """The build registry cannot be opened or written."""

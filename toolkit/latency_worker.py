@@ -1,0 +1,111 @@
+"""Measure one model the way TFLite's benchmark_model does, in a fresh process.
+
+Run as ``python -m toolkit.latency_worker MODEL --threads N [--inputs x.npz]``; prints one JSON line.
+It imports only numpy and the agent's runtime layer, so it also runs inside a device-runtime
+environment (e.g. a venv with tflite-runtime 2.14 and numpy<2) to check that a model loads there.
+Steps: init (load + allocate), first inference, warm-up (>= min runs and >= min seconds), then the
+measured runs (>= min runs and >= min seconds); reports p50/p90/p95/p99 and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM from /proc (ru_maxrss would include the parent's peak: Linux keeps it over exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefer", default=None)
+    ap.add_argument("--inputs", default=None)
+    ap.add_argument("--warmup-runs", type=int, default=1)
+    ap.add_argument("--warmup-seconds", type=float, default=0.5)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--check-only", action="store_true")
+    a = ap.parse_args(argv)
+
+    import numpy as np
+
+    from agent.runtime import load_model
+
+    base_rss = _status_mb("VmRSS")
+    try:
+        t0 = time.perf_counter()
+        model = load_model(a.model, threads=a.threads, prefer=a.prefer)
+        init_ms = (time.perf_counter() - t0) * 1e3
+        if a.inputs:
+            with np.load(a.inputs) as npz:
+                arrays = [npz[s.name][:1] if s.name in npz.files else npz[npz.files[i]][:1]
+                          for i, s in enumerate(model.inputs)]
+        else:
+            rng = np.random.default_rng(0)
+            arrays = [rng.random([1 if d == -1 else d for d in s.shape], dtype=np.float32)
+                      for s in model.inputs]
+        t0 = time.perf_counter()
+        out = model.predict(arrays)
+        first_ms = (time.perf_counter() - t0) * 1e3
+        finite = all(bool(np.isfinite(v).all()) for v in out.values())
+        res = {"ok": True, "runtime": model.runtime, "runtime_version": _runtime_version(model.runtime),
+               "ops": model.ops(), "init_ms": init_ms, "first_ms": first_ms, "finite": finite,
+               "numpy": np.__version__}
+        if not a.check_only:
+            model.set_raw(arrays)
+            res.update(_measure(model.invoke, a))
+        res["base_rss_mb"] = base_rss
+        res["peak_rss_mb"] = _status_mb("VmHWM")
+    except Exception as exc:  # report, don't crash: the parent turns this into a gate reason
+        res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write(json.dumps(res) + "\n")
+    return 0
+
+
+def _measure(invoke, a) -> dict:
+    import numpy as np
+
+    start, n = time.perf_counter(), 0
+    while n < a.warmup_runs or time.perf_counter() - start < a.warmup_seconds:
+        invoke()
+        n += 1
+    times = []
+    start = time.perf_counter()
+    while len(times) < a.runs or time.perf_counter() - start < a.seconds:
+        t = time.perf_counter()
+        invoke()
+        times.append((time.perf_counter() - t) * 1e3)
+    p = np.percentile(times, [50, 90, 95, 99])
+    return {"warmup_runs": n, "runs": len(times), "p50_ms": p[0], "p90_ms": p[1], "p95_ms": p[2],
+            "p99_ms": p[3], "mean_ms": float(np.mean(times))}
+
+
+def _runtime_version(runtime: str) -> str:
+    import importlib
+
+    mod = {"litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime",
+           "onnxruntime": "onnxruntime", "tensorflow": "tensorflow"}.get(runtime, runtime)
+    try:
+        m = importlib.import_module(mod)
+        v = getattr(m, "__version__", "")
+        if not v:
+            from importlib.metadata import version
+
+            v = version({"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}.get(mod, mod))
+        return v
+    except Exception:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

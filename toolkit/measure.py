@@ -1,0 +1,84 @@
+"""Accuracy against the fp32 reference, and latency/RSS through the isolated latency worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """benchmark_model defaults; tests may shorten them (they assert behaviour, not speed)."""
+
+    warmup_runs: int = 1
+    warmup_seconds: float = 0.5
+    runs: int = 50
+    seconds: float = 1.0
+    enabled: bool = True
+
+
+def compare(outputs: list[np.ndarray], reference: list[np.ndarray],
+            labels: np.ndarray | None) -> dict[str, Any]:
+    """Metrics of a variant's outputs vs the fp32 reference (first output is the 'primary' one)."""
+    m: dict[str, Any] = {}
+    finite = all(bool(np.isfinite(o).all()) for o in outputs)
+    m["finite"] = finite
+    errs, snrs = [], []
+    for o, r in zip(outputs, reference):
+        o = o.reshape(r.shape).astype(np.float64)
+        r = r.astype(np.float64)
+        errs.append(float(np.max(np.abs(o - r))) if finite else float("inf"))
+        noise = float(np.mean((o - r) ** 2)) if finite else float("inf")
+        signal = float(np.mean(r ** 2))
+        snrs.append(99.0 if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise) if finite else -99.0)
+    m["max_abs_error"] = max(errs)
+    m["snr_db"] = float(min(snrs))
+    out, ref = outputs[0], reference[0]
+    classification = ref.ndim == 2 and ref.shape[1] > 1
+    m["task"] = "classification" if classification else "regression"
+    if classification:
+        pred, rpred = out.reshape(ref.shape).argmax(1), ref.argmax(1)
+        m["top1_agreement"] = float(np.mean(pred == rpred))
+        if labels is not None:
+            m["reference_accuracy"] = float(np.mean(rpred == labels))
+            m["accuracy"] = float(np.mean(pred == labels))
+            m["accuracy_drop_points"] = 100.0 * (m["reference_accuracy"] - m["accuracy"])
+    return m
+
+
+def run_worker(model_path: Path, threads: int, inputs_npz: Path | None, cfg: LatencyConfig,
+               python: str | None = None, prefer: str | None = None, check_only: bool = False,
+               timeout: float = 600) -> dict[str, Any]:
+    """Load and time ``model_path`` in a fresh process (own RSS; optionally another Python/runtime)."""
+    cmd = [python or sys.executable, "-m", "toolkit.latency_worker", str(model_path),
+           "--threads", str(threads), "--warmup-runs", str(cfg.warmup_runs),
+           "--warmup-seconds", str(cfg.warmup_seconds), "--runs", str(cfg.runs),
+           "--seconds", str(cfg.seconds)]
+    if inputs_npz:
+        cmd += ["--inputs", str(inputs_npz)]
+    if prefer:
+        cmd += ["--prefer", prefer]
+    if check_only or not cfg.enabled:
+        cmd.append("--check-only")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(REPO_ROOT))
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "error": f"worker exited {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])

@@ -1,0 +1,117 @@
+"""Turn a chosen variant into a signed, reproducible bundle (manifest, model, golden set)."""
+
+from __future__ import annotations
+
+import io
+import platform
+import zipfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import write_bundle
+from agent.manifest import FORMATS, Manifest
+from agent.runtime import load_model
+from toolkit import __version__
+from toolkit.gate import VariantResult
+from toolkit.profiles import Profile
+from toolkit.signing import SigningKey
+
+GOLDEN_FILE = "golden.npz"
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz with fixed timestamps (numpy's own savez stamps the current time)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            arr = io.BytesIO()
+            np.lib.format.write_array(arr, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, arr.getvalue())
+    return buf.getvalue()
+
+
+def _g(x: float) -> float:
+    return float(f"{float(x):.6g}")
+
+
+def input_stats(names: list[str], arrays: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Per-input summary of the calibration data, for drift checks on the device."""
+    out = []
+    for name, a in zip(names, arrays):
+        flat = a.reshape(-1)
+        if flat.size > 200_000:
+            flat = flat[:: flat.size // 200_000 + 1]
+        q = np.quantile(flat, np.linspace(0, 1, 11))
+        out.append({"name": name, "mean": _g(flat.mean()), "std": _g(flat.std()),
+                    "deciles": [_g(x) for x in q], "samples": int(a.shape[0])})
+    return out
+
+
+def golden_set(path: Path, threads: int, inputs: list[np.ndarray],
+               count: int) -> tuple[dict[str, np.ndarray], float]:
+    """Inputs and the variant's own outputs on them, with an absolute tolerance for replay on device."""
+    model = load_model(path, threads=threads)
+    feed = [a[:count] for a in inputs]
+    res = model.predict(feed)
+    arrays = {f"in.{s.name}": f for s, f in zip(model.inputs, feed)}
+    atol = 0.0
+    for spec in model.outputs:
+        out = res[spec.name]
+        arrays[f"out.{spec.name}"] = out.astype(np.float32)
+        tol = 3 * spec.scale if spec.quantized else 1e-3 * (1.0 + float(np.max(np.abs(out))))
+        if spec.dtype == "float16" or "fp16" in path.name:
+            tol = max(tol, 1e-2 * (1.0 + float(np.max(np.abs(out)))))
+        atol = max(atol, tol)
+    return arrays, _g(atol)
+
+
+def _versions() -> dict[str, str]:
+    out = {"edgeship": __version__, "python": platform.python_version()}
+    for dist in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx",
+                 "onnxruntime", "ai-edge-litert", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write(out: Path, *, name: str, version: int, profile: Profile, variant: VariantResult,
+          key: SigningKey, val_inputs: list[np.ndarray], stats: list[dict[str, Any]],
+          meta: dict[str, Any], provenance: dict[str, Any], golden_count: int = 8,
+          model_bytes: bytes | None = None) -> Manifest:
+    assert variant.file is not None
+    model = load_model(variant.file, threads=profile.threads)
+    golden, atol = golden_set(variant.file, profile.threads, val_inputs, golden_count)
+    model_file = "model" + FORMATS[profile.format]
+    m = variant.metrics
+    metrics = {k: (_g(v) if isinstance(v, float) else v) for k, v in m.items()
+               if k in ("accuracy", "reference_accuracy", "accuracy_drop_points", "top1_agreement",
+                        "max_abs_error", "snr_db", "task")}
+    manifest: dict[str, Any] = {
+        "name": name, "version": version, "profile": profile.name, "arch": profile.arch,
+        "format": profile.format, "precision": variant.precision,
+        "runtime": {"name": profile.runtime, "min_version": profile.runtime_version,
+                    "threads": profile.threads, "delegate": profile.delegate,
+                    "execution_providers": list(profile.execution_providers),
+                    **({"numpy": profile.numpy} if profile.numpy else {})},
+        "model": {"path": model_file, "float_layers": variant.float_layers},
+        "inputs": [s.to_dict() for s in model.inputs],
+        "outputs": [s.to_dict() for s in model.outputs],
+        "golden": {"path": GOLDEN_FILE, "count": int(next(iter(golden.values())).shape[0]),
+                   "atol": atol, "rtol": 1e-3},
+        "labels": [str(x) for x in meta.get("labels", [])],
+        "preprocessing": meta.get("preprocessing", {}),
+        "postprocessing": meta.get("postprocessing", {}),
+        "input_stats": stats,
+        "metrics": {**metrics, "size_bytes": variant.size_bytes},
+        "provenance": {**provenance, "profile_sha256": profile.sha256, "tools": _versions()},
+    }
+    files = {model_file: model_bytes if model_bytes is not None else variant.file.read_bytes(),
+             GOLDEN_FILE: npz_bytes(golden)}
+    return write_bundle(out, manifest, files, key.sign, key.key_id)

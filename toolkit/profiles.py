@@ -1,0 +1,210 @@
+"""Device profiles: what a target device can run, and what a model must achieve there.
+
+Profiles are TOML files (schema in docs/profiles.md). They are looked up in ``--profiles-dir``,
+``$EDGESHIP_PROFILES`` (``:``-separated), ``./device_profiles`` and the profiles shipped with edgeship.
+Validation errors name the file and the key. Combinations that cannot exist are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.manifest import ARCHES, RUNTIME_FORMATS
+from toolkit.errors import ProfileError
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+PRECISIONS = {
+    "tflite": ("fp32", "fp16", "dynamic-int8", "int8", "int16x8"),
+    "onnx": ("fp32", "fp16", "dynamic-int8", "int8"),
+}
+# Where a runtime's wheels exist (PyPI, Nov 2026). tflite-runtime 2.14.0 is its last release.
+RUNTIME_ARCHES = {"litert": {"aarch64", "x86_64"}, "onnxruntime": {"aarch64", "x86_64"},
+                  "tflite-runtime": {"aarch64", "armv7l", "x86_64"}}
+TFLITE_RUNTIME_LAST = (2, 14, 0)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated device profile."""
+
+    name: str
+    description: str
+    path: Path
+    sha256: str
+    arch: str
+    cpu: str
+    os: str
+    python: str
+    runtime: str
+    runtime_version: str
+    threads: int
+    delegate: str
+    execution_providers: tuple[str, ...]
+    max_opset: int | None
+    numpy: str
+    precisions: tuple[str, ...]
+    int8_io: str
+    max_model_mb: float
+    max_ram_mb: float
+    max_p95_ms: float
+    device_slowdown: float
+    max_accuracy_drop: float
+    min_agreement: float
+    min_snr_db: float
+    objective: str
+    edgetpu: bool
+
+    @property
+    def format(self) -> str:
+        return RUNTIME_FORMATS[self.runtime]
+
+    def summary(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                for k, v in self.__dict__.items()}
+
+
+def search_dirs(extra: list[str | Path] | None = None, env: str | None = None) -> list[Path]:
+    dirs = [Path(p) for p in (extra or [])]
+    if env:
+        dirs += [Path(p) for p in env.split(":") if p]
+    dirs += [Path.cwd() / "device_profiles", BUILTIN_DIR]
+    seen, out = set(), []
+    for d in dirs:
+        r = d.resolve()
+        if r not in seen and r.is_dir():
+            seen.add(r)
+            out.append(d)
+    return out
+
+
+def list_profiles(dirs: list[Path]) -> list[Profile]:
+    found: dict[str, Profile] = {}
+    for d in dirs:
+        for f in sorted(d.glob("*.toml")):
+            if f.stem not in found:
+                found[f.stem] = load_profile_file(f)
+    return [found[k] for k in sorted(found)]
+
+
+def find_profile(name_or_path: str, dirs: list[Path]) -> Profile:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or "/" in name_or_path:
+        return load_profile_file(p)
+    for d in dirs:
+        f = d / f"{name_or_path}.toml"
+        if f.is_file():
+            return load_profile_file(f)
+    known = sorted({f.stem for d in dirs for f in d.glob("*.toml")})
+    raise ProfileError(f"unknown device profile {name_or_path!r}; known: {', '.join(known) or 'none'} "
+                       f"(or pass a path to a .toml file)")
+
+
+def load_profile_file(path: Path) -> Profile:
+    if not path.is_file():
+        raise ProfileError(f"{path}: profile file not found")
+    raw = path.read_bytes()
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ProfileError(f"{path}: not valid TOML ({exc})") from exc
+    r = _Reader(path, doc)
+    name = r.get("name", str)
+    if name != path.stem:
+        raise ProfileError(f"{path}: name: {name!r} must match the file name {path.stem!r}")
+    arch = r.choice("device.arch", ARCHES)
+    runtime = r.choice("runtime.name", tuple(RUNTIME_FORMATS))
+    version = r.get("runtime.version", str)
+    fmt = RUNTIME_FORMATS[runtime]
+    if arch not in RUNTIME_ARCHES[runtime]:
+        raise ProfileError(f"{path}: runtime.name: {runtime} has no wheels for {arch}; "
+                           f"on 32-bit ARM use tflite-runtime 2.14 (with numpy<2)")
+    vt = _version_tuple(version, path)
+    if runtime == "tflite-runtime" and vt > TFLITE_RUNTIME_LAST:
+        raise ProfileError(f"{path}: runtime.version: tflite-runtime {version} does not exist "
+                           f"(2.14.0 is the last release; newer devices use litert)")
+    numpy = r.get("runtime.numpy", str, "")
+    if runtime == "tflite-runtime" and vt >= (2, 14) and numpy and not numpy.startswith("<2") \
+            and not numpy.startswith("<1"):
+        raise ProfileError(f"{path}: runtime.numpy: tflite-runtime {version} fails with NumPy 2; "
+                           f"set numpy = \"<2\"")
+    max_opset = r.get("runtime.max_opset", int, None)
+    if fmt == "onnx" and max_opset is None:
+        raise ProfileError(f"{path}: runtime.max_opset: required for onnxruntime profiles")
+    if max_opset is not None and not 7 <= max_opset <= 23:
+        raise ProfileError(f"{path}: runtime.max_opset: {max_opset} is outside 7..23")
+    precisions = tuple(r.get("precision.accepted", list))
+    bad = [p for p in precisions if p not in PRECISIONS[fmt]]
+    if not precisions or bad:
+        raise ProfileError(f"{path}: precision.accepted: {bad or 'empty'} not valid for {fmt} "
+                           f"(choose from {', '.join(PRECISIONS[fmt])})")
+    delegate = r.get("runtime.delegate", str, "none")
+    edgetpu = delegate == "edgetpu"
+    int8_io = r.choice("precision.int8_io", ("int8", "uint8", "float"), "int8")
+    if edgetpu and (set(precisions) != {"int8"} or int8_io == "float"):
+        raise ProfileError(f"{path}: runtime.delegate: the Edge TPU runs only full-int8 models with "
+                           f"integer I/O; set precision.accepted = [\"int8\"] and int8_io = \"uint8\"")
+    threads = r.get("runtime.threads", int)
+    if threads < 1:
+        raise ProfileError(f"{path}: runtime.threads: must be >= 1")
+    return Profile(
+        name=name, description=r.get("description", str, ""), path=path,
+        sha256=hashlib.sha256(raw).hexdigest(), arch=arch, cpu=r.get("device.cpu", str, ""),
+        os=r.get("device.os", str, ""), python=r.get("device.python", str, "3.11"),
+        runtime=runtime, runtime_version=version, threads=threads, delegate=delegate,
+        execution_providers=tuple(r.get("runtime.execution_providers", list, ["CPUExecutionProvider"])),
+        max_opset=max_opset, numpy=numpy, precisions=precisions, int8_io=int8_io,
+        max_model_mb=r.positive("budgets.model_mb"), max_ram_mb=r.positive("budgets.ram_mb"),
+        max_p95_ms=r.positive("budgets.p95_latency_ms"),
+        device_slowdown=r.positive("budgets.device_slowdown", 1.0),
+        max_accuracy_drop=r.positive("accuracy.max_drop_points", 1.0),
+        min_agreement=r.positive("accuracy.min_top1_agreement", 0.95),
+        min_snr_db=r.positive("accuracy.min_snr_db", 20.0),
+        objective=r.choice("objective", ("latency", "size", "preference"), "latency"), edgetpu=edgetpu,
+    )
+
+
+class _Reader:
+    _MISSING = object()
+
+    def __init__(self, path: Path, doc: dict[str, Any]):
+        self.path, self.doc = path, doc
+
+    def get(self, dotted: str, typ: type, default: Any = _MISSING) -> Any:
+        cur: Any = self.doc
+        for part in dotted.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                if default is self._MISSING:
+                    raise ProfileError(f"{self.path}: {dotted}: required key is missing")
+                return default
+            cur = cur[part]
+        ok = isinstance(cur, typ) and not (isinstance(cur, bool) and typ is not bool)
+        if typ is float and isinstance(cur, int) and not isinstance(cur, bool):
+            cur, ok = float(cur), True
+        if not ok:
+            raise ProfileError(f"{self.path}: {dotted}: expected {typ.__name__}, got {cur!r}")
+        if typ is list and not all(isinstance(x, str) for x in cur):
+            raise ProfileError(f"{self.path}: {dotted}: expected a list of strings")
+        return cur
+
+    def choice(self, dotted: str, options: tuple[str, ...], default: Any = _MISSING) -> str:
+        v = self.get(dotted, str, default)
+        if v not in options:
+            raise ProfileError(f"{self.path}: {dotted}: {v!r} is not one of {', '.join(options)}")
+        return v
+
+    def positive(self, dotted: str, default: Any = _MISSING) -> float:
+        v = self.get(dotted, float, default)
+        if v <= 0:
+            raise ProfileError(f"{self.path}: {dotted}: must be > 0, got {v}")
+        return float(v)
+
+
+def _version_tuple(v: str, path: Path) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in v.split("."))
+    except ValueError as exc:
+        raise ProfileError(f"{path}: runtime.version: {v!r} is not a dotted version") from exc
