@@ -141,6 +141,7 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
     if not path.is_file():
         raise BundleError(f"{path}: bundle not found")
     seen: dict[str, tuple[str, int]] = {}
+    members: list[tarfile.TarInfo] = []
     raw_manifest = raw_sig = None
     total = 0
     try:
@@ -182,10 +183,12 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
                 elif member.name == SIGNATURE:
                     raw_sig = bytes(buf or b"")
                 seen[member.name] = (digest.hexdigest(), size)
+                members.append(member)
     except (tarfile.TarError, EOFError) as exc:
         raise BundleError(f"{path}: not a readable edgeship bundle, or truncated ({exc})") from exc
     if raw_manifest is None or raw_sig is None:
         raise BundleError(f"{path}: missing {MANIFEST} or {SIGNATURE}")
+    _check_canonical(path, members)
     kid, signature = read_signature(raw_sig, f"{path}:{SIGNATURE}")
     keyring.verify(kid, raw_manifest, signature, f"{path}:{SIGNATURE}")
     manifest = parse_manifest(raw_manifest)
@@ -204,6 +207,39 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
             raise BundleError(f"{path}:{f.path}: hash or size mismatch (expected {f.size} bytes "
                               f"sha256 {f.sha256[:12]}…, got {size} bytes sha256 {sha[:12]}…)")
     return manifest
+
+
+def _canonical_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _check_canonical(path: Path, members: list[tarfile.TarInfo]) -> None:
+    """Every byte outside file contents must be exactly what write_bundle emits: canonical headers,
+    zero padding and the standard end of archive. So no byte of a bundle can change unnoticed."""
+    blk = tarfile.BLOCKSIZE
+    with open(path, "rb") as fh:
+        pos = 0
+        for m in members:
+            if m.offset != pos:
+                raise BundleError(f"{path}:{m.name}: unexpected data before this entry")
+            fh.seek(pos)
+            if fh.read(blk) != _canonical_header(m.name, m.size):
+                raise BundleError(f"{path}:{m.name}: entry header is not canonical (altered bundle)")
+            pad = -m.size % blk
+            fh.seek(m.offset_data + m.size)
+            if pad and fh.read(pad) != bytes(pad):
+                raise BundleError(f"{path}:{m.name}: non-zero padding (altered bundle)")
+            pos = m.offset_data + m.size + pad
+        end = pos + 2 * blk
+        end += -end % tarfile.RECORDSIZE
+        fh.seek(pos)
+        tail = fh.read()
+        if len(tail) != end - pos or tail.count(0) != len(tail):
+            raise BundleError(f"{path}: trailing bytes after the archive do not match (altered bundle)")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from agent.manifest import FORMATS
 from toolkit import edgetpu, selective
 from toolkit.data import Dataset, load_dataset
-from toolkit.errors import InputError, ValidationError
+from toolkit.errors import ConversionError, InputError, ValidationError
 from toolkit.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
 from toolkit.ingest import load_source
 from toolkit.measure import LatencyConfig
@@ -53,6 +53,8 @@ class BuildOptions:
     runtime_pythons: dict[str, str] = field(default_factory=dict)  # "tflite-runtime-2.14.0" -> python
     golden_count: int = 8
     selective: bool = True
+    variant: str | None = None  # pin the chosen precision (must pass the gate)
+    keep_variants: Path | None = None  # keep every variant file in this folder
 
 
 @dataclass
@@ -91,6 +93,8 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
     progress("loading model")
     source = load_source(opts.model)
     name = opts.name or opts.model.stem.split(".")[0]
+    for profile in opts.profiles:
+        check_supported(source, profile)
     val = load_dataset(opts.validation, source.inputs, "validation")
     notes: list[str] = []
     if opts.calibration:
@@ -127,6 +131,9 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
     results = []
     with tempfile.TemporaryDirectory(prefix="edgeship-build-") as tmp:
         work = Path(tmp)
+        if opts.keep_variants:
+            work = opts.keep_variants
+            work.mkdir(parents=True, exist_ok=True)
         bench_inputs = work / "bench_inputs.npz"
         bench_inputs.write_bytes(npz_bytes({s.name: a[:1] for s, a in zip(source.inputs, val.inputs)}))
         for profile in opts.profiles:
@@ -154,6 +161,17 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
     if failed:
         raise BuildFailed(result, f"no variant passed the validation gate for: {', '.join(failed)}")
     return result
+
+
+def check_supported(source: Any, profile: Profile) -> None:
+    """Refuse source/profile pairs edgeship cannot convert, before any work is done."""
+    if source.kind == "onnx" and profile.format == "tflite":
+        raise ConversionError(f"{source.path}: an ONNX model cannot be converted to TFLite for "
+                              f"{profile.name}; give the Keras or SavedModel original, or target an "
+                              f"onnxruntime profile")
+    if source.kind == "tflite" and profile.format != "tflite":
+        raise ConversionError(f"{source.path}: a .tflite model can only be bundled for TFLite profiles, "
+                              f"not {profile.name} ({profile.runtime})")
 
 
 class BuildFailed(ValidationError):
@@ -207,7 +225,12 @@ class _Ctx:
             elif self.source.is_tf:
                 self.progress(f"[{p.name}] repairing int8 with selective quantization")
                 pr.variants.append(self._repair(int8))
-        pr.chosen = choose(pr.variants, p)
+        pinned = self.opts.variant
+        if pinned and not any(v.precision == pinned for v in pr.variants):
+            pr.notes.append(f"--variant {pinned}: not produced for this profile "
+                            f"(accepted: {', '.join(p.precisions)})")
+        pool = [v for v in pr.variants if v.precision == pinned] if pinned else pr.variants
+        pr.chosen = choose(pool, p)
         return pr
 
     def _evaluate(self, v: VariantResult) -> VariantResult:

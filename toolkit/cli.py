@@ -97,13 +97,15 @@ class _Progress:
 @click.option("--qat", is_flag=True, help="Add a quantization-aware-trained int8 variant (needs --train).")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--no-selective", is_flag=True, help="Do not try to repair a failing int8 model.")
+@click.option("--keep-variants", is_flag=True, help="Keep every variant file in OUT/variants-NAME/.")
+@click.option("--variant", help="Pin the bundled variant (e.g. int8) instead of choosing by objective.")
 @click.option("--quick", is_flag=True, help="Short latency runs (smoke tests; numbers are rough).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 @click.pass_obj
 def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path, calibration: Path | None,
           train: Path | None, name: str | None, version: int | None, meta: Path | None, out: Path,
-          key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool, quick: bool,
-          as_json: bool) -> None:
+          key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool,
+          keep_variants: bool, variant: str | None, quick: bool, as_json: bool) -> None:
     """Convert MODEL for each device profile, validate every variant and write signed bundles."""
     from toolkit.build import BuildFailed, BuildOptions, build as run_build, write_summary
     from toolkit.errors import InputError
@@ -128,7 +130,9 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
     opts = BuildOptions(model=model, profiles=profs, validation=validation, calibration=calibration,
                         train=train, name=name, version=version, meta=meta_doc, out_dir=out,
                         key=signing, registry=registry, prune=prune, qat=qat, epochs=epochs,
-                        latency=latency, runtime_pythons=s.runtime_pythons(), selective=not no_selective)
+                        latency=latency, runtime_pythons=s.runtime_pythons(), selective=not no_selective,
+                        variant=variant, keep_variants=out / f"variants-{name or model.stem}"
+                        if keep_variants else None)
     failed: BuildFailed | None = None
     try:
         result = run_build(opts, progress)

@@ -49,8 +49,15 @@ def to_onnx(source: SourceModel, opset: int, keras_model: Any = None) -> Any:
         fn = lambda: tf2onnx.convert.from_keras(keras_model or source.handle,  # noqa: E731
                                                 input_signature=spec, opset=opset)
     else:
-        sig = source.handle.signatures["serving_default"]
-        fn = lambda: tf2onnx.convert.from_function(sig, input_signature=spec, opset=opset)  # noqa: E731
+        def fn() -> Any:
+            from tf2onnx import tf_loader
+
+            graph_def, ins, outs, _, renames = tf_loader.from_saved_model(
+                str(source.path), None, None, "serve", ["serving_default"], None, False,
+                return_initialized_tables=True, return_tensors_to_rename=True)
+            return tf2onnx.convert.from_graph_def(graph_def, input_names=ins, output_names=outs,
+                                                  opset=opset, tensors_to_rename=renames)
+    tf2onnx.utils.INTERNAL_NAME = 1  # tf2onnx numbers generated names globally: reset for reproducibility
     model, _ = run_converter(fn, f"{source.path.name} → onnx (opset {opset})")
     return model
 

@@ -1,0 +1,97 @@
+"""Shared fixtures. TensorFlow-backed fixtures are session-scoped so the suite trains and builds once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory):
+    from toolkit.settings import Settings
+
+    return Settings(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(scope="session")
+def signing_key(settings):
+    from toolkit.signing import load_or_create
+
+    return load_or_create(settings.key_path)
+
+
+@pytest.fixture(scope="session")
+def keyring(signing_key):
+    from agent.keys import Keyring
+
+    return Keyring.of(signing_key.public_raw)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The digits example: model, calibration/validation/training data and metadata."""
+    from toolkit.examples import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"), epochs=30)
+
+
+@pytest.fixture(scope="session")
+def digits_outlier(tmp_path_factory, digits):
+    """A digits model whose plain int8 conversion is broken by one outlier activation."""
+    from toolkit.examples import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("outlier"), epochs=30, outlier=True)
+
+
+@pytest.fixture(scope="session")
+def quick_latency():
+    from toolkit.measure import LatencyConfig
+
+    return LatencyConfig(runs=5, seconds=0.02, warmup_runs=1, warmup_seconds=0.01)
+
+
+@pytest.fixture(scope="session")
+def profile(settings):
+    from toolkit.profiles import find_profile, search_dirs
+
+    return lambda name: find_profile(name, search_dirs())
+
+
+@pytest.fixture(scope="session")
+def make_options(signing_key, quick_latency, profile, digits):
+    from toolkit.build import BuildOptions
+
+    def make(out_dir, profiles, paths=None, **kw):
+        paths = paths or digits
+        kw.setdefault("validation", paths["validation"])
+        kw.setdefault("calibration", paths["calibration"])
+        kw.setdefault("meta", json.loads(paths["meta"].read_text()))
+        return BuildOptions(model=kw.pop("model", paths["model"]), profiles=[profile(p) for p in profiles],
+                            out_dir=Path(out_dir), key=signing_key, latency=quick_latency, **kw)
+    return make
+
+
+@pytest.fixture(scope="session")
+def digits_build(tmp_path_factory, make_options):
+    """One build of the digits example for three profiles (LiteRT, tflite-runtime, ONNX Runtime)."""
+    from toolkit.build import build
+
+    out = tmp_path_factory.mktemp("dist")
+    return build(make_options(out, ["rpi4-arm64", "rpi3-armv7", "x86_64-onnx"], version=1,
+                              keep_variants=out / "variants"))
+
+
+def run_py(code: str, **env) -> str:
+    """Run Python code in a fresh interpreter; returns stdout."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

@@ -1,0 +1,61 @@
+"""The validation gate refuses what breaks accuracy; selective quantization repairs it."""
+
+from __future__ import annotations
+
+import pytest
+
+from toolkit.build import BuildFailed, build
+
+
+@pytest.fixture(scope="module")
+def outlier_build(tmp_path_factory, make_options, digits_outlier):
+    out = tmp_path_factory.mktemp("outlier")
+    return build(make_options(out, ["rpi4-arm64"], paths=digits_outlier, version=1, variant="int8-selective"))
+
+
+def test_gate_refuses_broken_int8(outlier_build):
+    p = outlier_build.profiles[0]
+    int8 = next(v for v in p.variants if v.precision == "int8")
+    assert not int8.passed
+    assert int8.metrics["accuracy_drop_points"] > 20
+    assert any(r.startswith("accuracy drop") for r in int8.reasons)
+    fp32 = next(v for v in p.variants if v.precision == "fp32")
+    assert fp32.passed and fp32.metrics["accuracy_drop_points"] == 0
+
+
+def test_selective_quantization_recovers(outlier_build, keyring):
+    from agent.bundle import verify_bundle
+
+    p = outlier_build.profiles[0]
+    sel = next(v for v in p.variants if v.precision == "int8-selective")
+    assert sel.passed, sel.reasons
+    assert sel.metrics["accuracy_drop_points"] <= 1.0
+    assert sel.float_layers and any("hidden" in name for name in sel.float_layers)
+    assert any("kept" in n and "in float" in n for n in sel.notes)
+    assert p.chosen is sel
+    m = verify_bundle(p.bundle, keyring)
+    assert m.precision == "int8-selective" and m.data["model"]["float_layers"] == sel.float_layers
+
+
+def test_no_bundle_when_nothing_passes(make_options, digits_outlier, tmp_path):
+    """Coral accepts only full int8 and cannot keep layers in float: the build must refuse."""
+    out = tmp_path / "dist"
+    with pytest.raises(BuildFailed) as exc:
+        build(make_options(out, ["coral-edgetpu"], paths=digits_outlier, version=1))
+    msg = str(exc.value)
+    assert "no variant passed the validation gate for: coral-edgetpu" in msg
+    assert "int8" in msg and "accuracy drop" in msg
+    assert not list(out.glob("*.bundle"))
+    assert any("not possible on the Edge TPU" in n for n in exc.value.result.profiles[0].notes)
+
+
+def test_budget_failures_are_reported(make_options, tmp_path, profile):
+    import dataclasses
+
+    tight = dataclasses.replace(profile("rpi4-arm64"), max_model_mb=0.001)
+    opts = make_options(tmp_path, [], version=1)
+    opts.profiles = [tight]
+    with pytest.raises(BuildFailed) as exc:
+        build(opts)
+    for v in exc.value.result.profiles[0].variants:
+        assert any(r.startswith("size ") and "> 0.001 MB" in r for r in v.reasons)
