@@ -53,7 +53,7 @@ def digits_outlier(tmp_path_factory, digits):
 def quick_latency():
     from toolkit.measure import LatencyConfig
 
-    return LatencyConfig(runs=5, seconds=0.02, warmup_runs=1, warmup_seconds=0.01)
+    return LatencyConfig(runs=5, seconds=0.02, warmup_runs=1, warmup_seconds=0.01, gate=False)
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +95,17 @@ def run_py(code: str, **env) -> str:
                           env={**os.environ, **env}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def tflite_runtime_python(profile):
+    """A venv with tflite-runtime 2.14.0 + numpy<2 (the 32-bit Raspberry Pi runtime), cached between
+    runs. .ci/run installs it; without network access to PyPI the tests that need it are skipped."""
+    from toolkit.errors import ToolkitError
+    from toolkit.runtimes import install
+
+    cache = Path(os.environ.get("EDGESHIP_TEST_CACHE", Path.home() / ".cache" / "edgeship"))
+    try:
+        return str(install(profile("rpi3-armv7"), cache / "runtimes" / "tflite-runtime-2.14.0"))
+    except ToolkitError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"tflite-runtime 2.14 environment unavailable: {exc}")

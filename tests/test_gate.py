@@ -59,3 +59,28 @@ def test_budget_failures_are_reported(make_options, tmp_path, profile):
         build(opts)
     for v in exc.value.result.profiles[0].variants:
         assert any(r.startswith("size ") and "> 0.001 MB" in r for r in v.reasons)
+
+
+def test_latency_budget_gate_and_choice_logic(profile):
+    """Pure gate logic with given measurements (no timing in tests)."""
+    from toolkit.gate import VariantResult, choose, gate
+    from toolkit.measure import LatencyConfig
+
+    rpi4 = profile("rpi4-arm64")  # p95 budget 150 ms, device slowdown x5
+    cfg = LatencyConfig()
+    fast = gate(VariantResult("rpi4-arm64", "int8", None, size_bytes=10, metrics={"accuracy_drop_points": 0.2},
+                              latency={"p50_ms": 3.0, "p95_ms": 4.0, "peak_rss_mb": 60}), rpi4, cfg)
+    slow = gate(VariantResult("rpi4-arm64", "fp32", None, size_bytes=40, metrics={"accuracy_drop_points": 0.0},
+                              latency={"p50_ms": 29.0, "p95_ms": 31.0, "peak_rss_mb": 80}), rpi4, cfg)
+    dyn = gate(VariantResult("rpi4-arm64", "dynamic-int8", None, size_bytes=10,
+                             metrics={"accuracy_drop_points": 0.1},
+                             latency={"p50_ms": 6.0, "p95_ms": 7.0, "peak_rss_mb": 60}), rpi4, cfg)
+    assert fast.passed and dyn.passed
+    assert slow.reasons == ["est. device p95 155.0 ms > 150 ms (host 31.00 ms x5)"]
+    assert choose([slow, dyn, fast], rpi4) is fast  # fastest measured, not a fixed order
+    rpi3 = profile("rpi3-armv7")  # objective: size, ties broken by preference order
+    a = VariantResult("rpi3-armv7", "fp16", None, size_bytes=10, passed=True, latency={"p50_ms": 1})
+    b = VariantResult("rpi3-armv7", "int8", None, size_bytes=10, passed=True, latency={"p50_ms": 2})
+    assert choose([a, b], rpi3) is b
+    nan = gate(VariantResult("rpi4-arm64", "fp16", None, metrics={"finite": False}), rpi4, cfg)
+    assert "outputs contain NaN/Inf" in nan.reasons

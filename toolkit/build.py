@@ -136,9 +136,11 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
             work.mkdir(parents=True, exist_ok=True)
         bench_inputs = work / "bench_inputs.npz"
         bench_inputs.write_bytes(npz_bytes({s.name: a[:1] for s, a in zip(source.inputs, val.inputs)}))
+        eval_inputs = work / "eval_inputs.npz"
+        eval_inputs.write_bytes(npz_bytes({s.name: a for s, a in zip(source.inputs, val.inputs)}))
         for profile in opts.profiles:
-            ctx = _Ctx(opts, profile, source, calib, val, reference, work, bench_inputs, progress,
-                       keras_model)
+            ctx = _Ctx(opts, profile, source, calib, val, reference, work, bench_inputs, eval_inputs,
+                       progress, keras_model)
             pr = ctx.run(factory)
             if pr.chosen is not None:
                 progress(f"[{profile.name}] signing bundle ({pr.chosen.precision})")
@@ -192,6 +194,7 @@ class _Ctx:
     reference: list[np.ndarray]
     work: Path
     bench_inputs: Path
+    eval_inputs: Path
     progress: Progress
     keras_model: Any
 
@@ -234,7 +237,7 @@ class _Ctx:
         return pr
 
     def _evaluate(self, v: VariantResult) -> VariantResult:
-        return evaluate(v, self.profile, self.val.inputs, self.reference, self.val.labels,
+        return evaluate(v, self.profile, self.eval_inputs, self.reference, self.val.labels,
                         [s.name for s in self.source.outputs], self.bench_inputs, self.opts.latency,
                         self.runtime_python)
 

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--eval", default=None, help="npz of inputs to run through the model")
+    ap.add_argument("--eval-out", default=None, help="where to write the outputs of --eval (npz)")
     a = ap.parse_args(argv)
 
     import numpy as np
@@ -46,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = load_model(a.model, threads=a.threads, prefer=a.prefer)
         init_ms = (time.perf_counter() - t0) * 1e3
+        if a.eval:
+            feed = _feed(model, a.eval)
+            outs = model.predict(feed)
+            np.savez(a.eval_out, **{f"{i}:{k}": v for i, (k, v) in enumerate(outs.items())})
         if a.inputs:
-            with np.load(a.inputs) as npz:
-                arrays = [npz[s.name][:1] if s.name in npz.files else npz[npz.files[i]][:1]
-                          for i, s in enumerate(model.inputs)]
+            arrays = [x[:1] for x in _feed(model, a.inputs)]
         else:
             rng = np.random.default_rng(0)
             arrays = [rng.random([1 if d == -1 else d for d in s.shape], dtype=np.float32)
@@ -70,6 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write(json.dumps(res) + "\n")
     return 0
+
+
+def _feed(model, path: str) -> list:
+    """Inputs from an npz keyed by input name; positional when the converter renamed them."""
+    import numpy as np
+
+    with np.load(path) as npz:
+        names = list(npz.files)
+        if all(s.name in names for s in model.inputs):
+            return [npz[s.name] for s in model.inputs]
+        return [npz[n] for n in names[:len(model.inputs)]]
 
 
 def _measure(invoke, a) -> dict:

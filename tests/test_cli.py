@@ -1,0 +1,96 @@
+"""The `edgeship` CLI: build with --json, registry, keys, bundle inspect/verify, clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from toolkit.cli import cli
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("clihome")
+
+
+def run(home, *args, ok=True):
+    res = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def built(home, digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cliout")
+    res = run(home, "build", str(digits["model"]), "-p", "rpi4-arm64", "-p", "x86_64-onnx",
+              "--validation", str(digits["validation"]), "--calibration", str(digits["calibration"]),
+              "--meta", str(digits["meta"]), "-o", str(out), "--quick", "--json")
+    return out, json.loads(res.stdout)
+
+
+def test_build_json_summary_and_report(built):
+    out, summary = built
+    assert summary["name"] == "digits" and summary["version"] == 1
+    assert [p["profile"] for p in summary["profiles"]] == ["rpi4-arm64", "x86_64-onnx"]
+    for p in summary["profiles"]:
+        assert p["chosen"] and p["bundle"].endswith(f"digits-v1-{p['profile']}.bundle")
+    assert (out / "digits-v1.json").is_file()
+    html = (out / "digits-v1.html").read_text()
+    assert "<img alt=\"variant plots\" src=\"data:image/png;base64," in html and "x86_64-onnx" in html
+
+
+def test_registry_versions_increment(home, built, digits, tmp_path):
+    res = run(home, "build", str(digits["model"]), "-p", "rpi3-armv7", "--validation",
+              str(digits["validation"]), "-o", str(tmp_path), "--quick")
+    assert "digits-v2-rpi3-armv7.bundle" in res.output
+    assert "calibrating int8 variants on the validation data" in res.output
+    res = run(home, "models", "list", "--json")
+    rows = json.loads(res.stdout)
+    assert rows[0]["model"] == "digits" and rows[0]["latest"] == 2 and rows[0]["builds"] == 3
+    hist = json.loads(run(home, "models", "history", "digits", "--json").stdout)
+    assert [(h["version"], h["profile"]) for h in hist] == [(2, "rpi3-armv7"), (1, "rpi4-arm64"),
+                                                           (1, "x86_64-onnx")]
+    assert all(len(h["bundle_sha256"]) == 64 for h in hist)
+    res = run(home, "models", "history", "nope", ok=False)
+    assert res.exit_code == 1 and "no builds of model 'nope'" in res.output
+
+
+def test_bundle_inspect_and_verify(home, built):
+    _, summary = built
+    bundle = summary["profiles"][0]["bundle"]
+    res = run(home, "bundle", "inspect", bundle)
+    assert "digits v1" in res.output and "image" in res.output and "(unverified)" in res.output
+    res = run(home, "bundle", "verify", bundle)
+    assert "signature OK" in res.output and "golden set OK" in res.output
+
+
+def test_verify_with_unknown_key_fails_cleanly(home, built, tmp_path):
+    _, summary = built
+    run(home, "keys", "generate", "--out", str(tmp_path / "other.pem"))
+    res = run(home, "bundle", "verify", summary["profiles"][0]["bundle"], "--keyring",
+              str(tmp_path / "other.pub"), ok=False)
+    assert res.exit_code == 1 and "does not trust" in res.output and "Traceback" not in res.output
+    res = run(home, "keys", "generate", "--out", str(tmp_path / "other.pem"), ok=False)
+    assert "already exists" in res.output
+
+
+def test_errors_are_clean_messages(home, digits, tmp_path):
+    res = run(home, "build", str(digits["model"]), "-p", "nope", "--validation",
+              str(digits["validation"]), ok=False)
+    assert res.exit_code == 1 and "unknown device profile 'nope'" in res.output
+    res = run(home, "build", str(digits["model"]), ok=False)
+    assert res.exit_code == 2  # usage error: missing --profile
+    res = run(home, "profiles", "list")
+    assert "rpi4-arm64" in res.output and "coral-edgetpu" in res.output
+    show = json.loads(run(home, "profiles", "show", "rpi3-armv7").stdout)
+    assert show["runtime"] == "tflite-runtime" and show["numpy"] == "<2"
+
+
+def test_console_script_help_is_fast_to_import():
+    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "build" in proc.stdout and "bundle" in proc.stdout
