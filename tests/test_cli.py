@@ -94,3 +94,50 @@ def test_errors_are_clean_messages(home, digits, tmp_path):
 def test_console_script_help_is_fast_to_import():
     proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "build" in proc.stdout and "bundle" in proc.stdout
+
+
+def test_agent_cli_verifies_and_predicts(home, built, digits, tmp_path):
+    import numpy as np
+
+    from agent.cli import cli as agent_cli
+
+    _, summary = built
+    bundle = summary["profiles"][0]["bundle"]
+    pub = str(home / "keys" / "signing.pub")
+    res = CliRunner().invoke(agent_cli, ["verify", bundle, "--keyring", pub])
+    assert res.exit_code == 0 and "OK digits@1" in res.output, res.output
+    with np.load(digits["validation"]) as v:
+        x, y = v["image"][:5], v["y"][:5]
+    np.save(tmp_path / "x.npy", x)
+    res = CliRunner().invoke(agent_cli, ["predict", bundle, "--keyring", pub, "--input", str(tmp_path / "x.npy")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["model"] == "digits@1" and len(out["labels"]) == 5
+    assert sum(int(a) == b for a, b in zip(out["labels"], y)) >= 4
+    (tmp_path / "bad.json").write_text('{"image": [[1, 2]]}')
+    res = CliRunner().invoke(agent_cli, ["predict", bundle, "--keyring", pub, "--input", str(tmp_path / "bad.json")])
+    assert res.exit_code == 1 and "expected shape (N, 8, 8, 1)" in res.output
+
+
+def test_coral_bundle_is_full_int8_with_uint8_io(make_options, tmp_path, keyring):
+    import shutil as _sh
+
+    from agent.bundle import verify_bundle
+    from toolkit.build import build
+
+    r = build(make_options(tmp_path / "dist", ["coral-edgetpu"], version=1))
+    p = r.profiles[0]
+    m = verify_bundle(p.bundle, keyring)
+    assert m.precision == "int8" and m.inputs[0].dtype == "uint8" and m.outputs[0].dtype == "uint8"
+    if _sh.which("edgetpu_compiler") is None:
+        assert any("edgetpu_compiler not found" in n for n in p.notes)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """README command 1: `edgeship demo` (quick timing) trains, builds 3 profiles, verifies, classifies."""
+    res = CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), "demo", "--quick"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "golden max |error|" in res.output
+    acc = float(res.output.split("accuracy ")[1].split()[0])
+    assert acc > 0.95
+    assert len(list((tmp_path / "home" / "demo" / "dist").glob("*.bundle"))) == 3

@@ -1,0 +1,91 @@
+"""`edgeship-agent` - the device CLI (no TensorFlow).
+
+Today: verify a bundle like an update would be verified, and run a bundle's model on an input file.
+The install engine, `run` service and HTTP API come with the agent issue.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from agent.errors import AgentError, InputError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AgentError as exc:
+            err = click.ClickException(str(exc))
+            err.exit_code = exc.exit_code
+            raise err from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeship")
+def cli() -> None:
+    """edgeship-agent: verify and run edgeship bundles on a device."""
+
+
+def _open(bundle: Path, keyring: Path, folder: Path):
+    from agent.bundle import extract_bundle
+    from agent.golden import replay
+    from agent.keys import Keyring
+    from agent.runtime import load_model
+
+    manifest = extract_bundle(bundle, Keyring.load(keyring), folder)
+    model = load_model(folder / manifest.model_file, threads=manifest.threads)
+    return manifest, model, replay(model, manifest, folder)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Trusted .pub file or folder of them.")
+def verify(bundle: Path, keyring: Path) -> None:
+    """Check signature and hashes, load the model and replay its golden set."""
+    with tempfile.TemporaryDirectory(prefix="edgeship-agent-") as tmp:
+        m, model, worst = _open(bundle, keyring, Path(tmp) / "b")
+    click.echo(f"OK {m.id} {m.format}/{m.precision} in {model.runtime}; golden max |error| {worst:.3g}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npy array, .npz keyed by input name, or .json (list or {name: list}).")
+def predict(bundle: Path, keyring: Path, input_path: Path) -> None:
+    """Run BUNDLE's model on an input file; prints JSON outputs (and top-1 label when labelled)."""
+    if input_path.suffix == ".npy":
+        feed: Any = np.load(input_path, allow_pickle=False)
+    elif input_path.suffix == ".npz":
+        with np.load(input_path, allow_pickle=False) as npz:
+            feed = {k: npz[k] for k in npz.files}
+    else:
+        try:
+            feed = json.loads(input_path.read_text())
+        except ValueError as exc:
+            raise InputError(f"{input_path}: not valid JSON ({exc})") from exc
+    with tempfile.TemporaryDirectory(prefix="edgeship-agent-") as tmp:
+        m, model, _ = _open(bundle, keyring, Path(tmp) / "b")
+        out = model.predict(feed)
+    result: dict[str, Any] = {"model": m.id, "outputs": {k: v.tolist() for k, v in out.items()}}
+    first = next(iter(out.values()))
+    if m.labels and first.ndim == 2 and first.shape[1] == len(m.labels):
+        result["labels"] = [m.labels[i] for i in first.argmax(1)]
+    click.echo(json.dumps(result))
+
+
+def main() -> None:
+    cli(prog_name="edgeship-agent")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
