@@ -83,6 +83,71 @@ def predict(bundle: Path, keyring: Path, input_path: Path) -> None:
     click.echo(json.dumps(result))
 
 
+def _agent(state_dir: Path, keyring: Path, arch: str | None, threads: int | None):
+    import os
+    import platform
+
+    from agent.keys import Keyring
+    from agent.service import Agent
+
+    # Test hook: EDGESHIP_AGENT_FAULTS="Commit=crash,VerifyModel=error" (read here, at the entry point).
+    faults = dict(f.split("=", 1) for f in os.environ.get("EDGESHIP_AGENT_FAULTS", "").split(",") if "=" in f)
+    return Agent(state_dir, Keyring.load(keyring), arch or platform.machine(), threads, faults=faults)
+
+
+_state_opts = [
+    click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+                 help="Agent state folder (slots and state.json)."),
+    click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path),
+                 help="Trusted .pub file or folder of them."),
+    click.option("--arch", help="Device architecture [default: this machine's]."),
+    click.option("--threads", type=int, help="Inference threads [default: from the manifest]."),
+]
+
+
+def state_options(fn: Any) -> Any:
+    for opt in reversed(_state_opts):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@state_options
+@click.option("--allow-downgrade", is_flag=True, help="Accept a lower version (explicit rollback).")
+@click.option("--json", "as_json", is_flag=True)
+def install(bundle: Path, state_dir: Path, keyring: Path, arch: str | None, threads: int | None,
+            allow_downgrade: bool, as_json: bool) -> None:
+    """Verify and install BUNDLE crash-safely; the previous version is kept for rollback."""
+    agent = _agent(state_dir, keyring, arch, threads)
+    agent.start()
+    res = agent.install(bundle, allow_downgrade)
+    if as_json:
+        click.echo(json.dumps(res.__dict__))
+    else:
+        click.echo(f"{res.status}: {' -> '.join(res.chain)}" + (f"\n{res.reason}" if res.reason else ""))
+    if not res.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@state_options
+def rollback(state_dir: Path, keyring: Path, arch: str | None, threads: int | None) -> None:
+    """Switch back to the previous installed version."""
+    agent = _agent(state_dir, keyring, arch, threads)
+    agent.start()
+    click.echo(f"active: {agent.rollback()}")
+
+
+@cli.command()
+@state_options
+def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None) -> None:
+    """Recover if needed and print the active model as JSON."""
+    agent = _agent(state_dir, keyring, arch, threads)
+    agent.start()
+    click.echo(json.dumps(agent.status(), default=str))
+
+
 def main() -> None:
     cli(prog_name="edgeship-agent")
 

@@ -1,0 +1,286 @@
+"""The crash-safe install engine: one transition table, small states, write-ahead persistence.
+
+    Verify ─▶ Stage ─▶ VerifyModel ─▶ Commit ─▶ Cleanup ─▶ Done
+      │         │           │            │
+      └▶ Failure ◀─ Rollback ◀──────────┘   (any failure after Verify rolls back)
+
+A state that matters for recovery is saved *before* it runs (write-ahead). Commit switches the active
+slot and records the next state (Cleanup) in one atomic write. On start-up ``recover`` resumes from the
+persisted state per RECOVERY; every state is idempotent, and a save counter ends crash loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+from agent.bundle import extract_bundle, verify_bundle
+from agent.errors import AgentError, CompatibilityError, RuntimeMissingError
+from agent.golden import replay
+from agent.keys import Keyring
+from agent.manifest import Manifest, parse_manifest
+from agent.runtime import load_model, tflite_interpreter_class
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+MAX_SAVES = 20
+
+
+class St(str, Enum):
+    VERIFY = "Verify"
+    STAGE = "Stage"
+    VERIFY_MODEL = "VerifyModel"
+    COMMIT = "Commit"
+    ROLLBACK = "Rollback"
+    FAILURE = "Failure"
+    CLEANUP = "Cleanup"
+    DONE = "Done"
+
+
+class Ev(str, Enum):
+    SUCCESS = "Success"
+    FAILURE = "Failure"
+    NOTHING_TO_DO = "NothingToDo"
+
+
+TRANSITIONS: dict[tuple[St, Ev], St] = {
+    (St.VERIFY, Ev.SUCCESS): St.STAGE,
+    (St.VERIFY, Ev.FAILURE): St.FAILURE,
+    (St.VERIFY, Ev.NOTHING_TO_DO): St.DONE,
+    (St.STAGE, Ev.SUCCESS): St.VERIFY_MODEL,
+    (St.STAGE, Ev.FAILURE): St.ROLLBACK,
+    (St.VERIFY_MODEL, Ev.SUCCESS): St.COMMIT,
+    (St.VERIFY_MODEL, Ev.FAILURE): St.ROLLBACK,
+    (St.COMMIT, Ev.SUCCESS): St.CLEANUP,
+    (St.COMMIT, Ev.FAILURE): St.ROLLBACK,
+    (St.ROLLBACK, Ev.SUCCESS): St.FAILURE,
+    (St.ROLLBACK, Ev.FAILURE): St.FAILURE,
+    (St.FAILURE, Ev.SUCCESS): St.CLEANUP,
+    (St.FAILURE, Ev.FAILURE): St.CLEANUP,
+    (St.CLEANUP, Ev.SUCCESS): St.DONE,
+    (St.CLEANUP, Ev.FAILURE): St.DONE,
+}
+
+# Where a restarted agent resumes, for every persisted state.
+RECOVERY: dict[St, St] = {
+    St.STAGE: St.ROLLBACK,        # partial slot: remove it
+    St.VERIFY_MODEL: St.ROLLBACK,  # never went live
+    St.COMMIT: St.ROLLBACK,        # the commit write did not happen (else we'd be in Cleanup)
+    St.ROLLBACK: St.ROLLBACK,
+    St.FAILURE: St.FAILURE,
+    St.CLEANUP: St.CLEANUP,
+}
+PERSISTED = set(RECOVERY)
+
+
+@dataclass
+class Result:
+    status: str  # installed | refused | nothing-to-do | rolled-back | recovered
+    chain: list[str] = field(default_factory=list)
+    reason: str = ""
+    version: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("installed", "nothing-to-do", "recovered")
+
+
+@dataclass
+class Device:
+    arch: str
+    threads: int | None = None
+
+
+class Engine:
+    """Runs one update at a time. ``on_commit(slot)`` is called after the active slot switched."""
+
+    def __init__(self, store: Store, keyring: Keyring, device: Device,
+                 on_commit: Callable[[str], None] = lambda slot: None,
+                 faults: dict[str, str] | None = None):
+        self.store, self.keyring, self.device = store, keyring, device
+        self.on_commit, self.faults = on_commit, faults or {}
+
+    # ------------------------------------------------------------ public
+    def install(self, bundle: Path, allow_downgrade: bool = False) -> Result:
+        doc = self.store.load()
+        if doc.get("update"):
+            self.recover()
+            doc = self.store.load()
+        upd = {"bundle": str(bundle), "allow_downgrade": allow_downgrade, "saves": 0,
+               "from": doc.get("active"), "slot": None, "error": "", "started": time.time()}
+        return self._run(St.VERIFY, upd)
+
+    def recover(self) -> Result | None:
+        doc = self.store.load()
+        upd = doc.get("update")
+        if not upd:
+            return None
+        state = St(upd["state"])
+        resume = RECOVERY[state]
+        log.warning("recovering interrupted update of %s: was in %s, resuming in %s",
+                    upd.get("bundle"), state.value, resume.value)
+        upd["error"] = upd.get("error") or f"agent stopped during {state.value}"
+        res = self._run(resume, upd)
+        if res.status == "installed":
+            res.status = "recovered"
+        return res
+
+    def rollback(self) -> str:
+        """Explicit rollback to the previous slot (allowed to lower the version)."""
+        doc = self.store.load()
+        if doc.get("update"):
+            raise AgentError("an update is in progress; try again when it has finished")
+        prev = doc.get("previous")
+        if not prev or not self.store.slot(prev).is_dir():
+            raise AgentError("no previous version to roll back to")
+        doc["active"], doc["previous"] = prev, doc.get("active")
+        doc["events"].append({"t": time.time(), "event": "rollback", "active": prev})
+        self.store.save(doc)
+        self.on_commit(prev)
+        return prev
+
+    def manifest_of(self, slot: str | None) -> Manifest | None:
+        if not slot:
+            return None
+        return parse_manifest((self.store.slot(slot) / "manifest.json").read_bytes())
+
+    # ------------------------------------------------------------ machine
+    def _run(self, state: St, upd: dict) -> Result:
+        chain: list[str] = []
+        result = Result("installed")
+        while state is not St.DONE:
+            chain.append(state.value)
+            if state in PERSISTED:
+                upd["state"] = state.value
+                upd["saves"] = upd.get("saves", 0) + 1
+                if upd["saves"] > MAX_SAVES:
+                    log.error("update of %s re-entered states %d times: giving up", upd["bundle"], MAX_SAVES)
+                    upd["error"] = f"crash loop: gave up after {MAX_SAVES} state saves"
+                    self._finish(upd, "failed")
+                    return Result("refused", chain, upd["error"])
+                if state is not St.COMMIT:  # Commit persists itself, then switches
+                    self._persist(upd)
+                    self._fault(state, "crash")
+            try:
+                self._fault(state, "error")
+                event = getattr(self, f"_{state.name.lower()}")(upd)
+            except AgentError as exc:
+                log.error("%s failed for %s: %s", state.value, upd["bundle"], exc)
+                upd["error"] = str(exc)
+                event = Ev.FAILURE
+            if state is St.VERIFY and event is Ev.NOTHING_TO_DO:
+                result.status = "nothing-to-do"
+            state = TRANSITIONS[(state, event)]
+        if upd.get("error"):
+            result.status = "rolled-back" if St.ROLLBACK.value in chain else "refused"
+            result.reason = upd["error"]
+        result.chain, result.version = chain, upd.get("version")
+        return result
+
+    def _persist(self, upd: dict) -> None:
+        doc = self.store.load()
+        doc["update"] = upd
+        self.store.save(doc)
+
+    def _fault(self, state: St, kind: str) -> None:
+        if self.faults.get(state.value) == kind:
+            if kind == "crash":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise AgentError(f"injected error in {state.value}")
+
+    # ------------------------------------------------------------ states
+    def _verify(self, upd: dict) -> Ev:
+        m = verify_bundle(Path(upd["bundle"]), self.keyring)
+        upd["version"], upd["name"] = m.version, m.name
+        upd["slot"] = f"{m.name}-v{m.version}-{m.files[0].sha256[:8]}"
+        if m.arch != self.device.arch:
+            raise CompatibilityError(f"{m.id} is built for {m.arch}; this device is {self.device.arch}")
+        _runtime_available(m)
+        current = self.manifest_of(self.store.load().get("active"))
+        if current is not None and current.name == m.name:
+            if upd["slot"] == self.store.load().get("active"):
+                return Ev.NOTHING_TO_DO
+            if m.version < current.version and not upd["allow_downgrade"]:
+                raise CompatibilityError(f"{m.id} is older than the installed {current.id} "
+                                         f"(anti-rollback); use an explicit rollback to go back")
+            if m.version == current.version:
+                raise CompatibilityError(f"{m.id} has the same version as the installed model but "
+                                         f"different content; versions must increase")
+        return Ev.SUCCESS
+
+    def _stage(self, upd: dict) -> Ev:
+        dest = self.store.slot(upd["slot"])
+        if upd["slot"] in (self.store.load().get("active"), self.store.load().get("previous")):
+            return Ev.SUCCESS  # re-installing the previous slot: already on disk and verified
+        shutil.rmtree(dest, ignore_errors=True)
+        extract_bundle(Path(upd["bundle"]), self.keyring, dest)
+        return Ev.SUCCESS
+
+    def _verify_model(self, upd: dict) -> Ev:
+        folder = self.store.slot(upd["slot"])
+        m = parse_manifest((folder / "manifest.json").read_bytes())
+        model = load_model(folder / m.model_file, threads=self.device.threads or m.threads)
+        replay(model, m, folder)
+        return Ev.SUCCESS
+
+    def _commit(self, upd: dict) -> Ev:
+        self._persist(upd)  # write-ahead: "entering Commit"
+        self._fault(St.COMMIT, "crash")
+        doc = self.store.load()
+        if doc.get("active") != upd["slot"]:
+            doc["previous"], doc["active"] = doc.get("active"), upd["slot"]
+        upd["state"] = St.CLEANUP.value
+        doc["update"] = upd
+        self.store.save(doc)  # the switch and the next state, in one atomic write
+        self.on_commit(upd["slot"])
+        return Ev.SUCCESS
+
+    def _rollback(self, upd: dict) -> Ev:
+        doc = self.store.load()
+        if upd.get("slot") and doc.get("active") == upd["slot"] and upd.get("from") != upd["slot"]:
+            doc["active"], doc["previous"] = upd.get("from"), None
+            self.store.save(doc)
+            self.on_commit(doc["active"])
+        keep = {doc.get("active"), doc.get("previous")}
+        if upd.get("slot") and upd["slot"] not in keep:
+            shutil.rmtree(self.store.slot(upd["slot"]), ignore_errors=True)
+        return Ev.SUCCESS
+
+    def _failure(self, upd: dict) -> Ev:
+        log.error("update %s failed: %s", upd["bundle"], upd.get("error"))
+        return Ev.SUCCESS
+
+    def _cleanup(self, upd: dict) -> Ev:
+        doc = self.store.load()
+        keep = {doc.get("active"), doc.get("previous")}
+        for slot in (self.store.dir / "slots").iterdir():
+            if slot.name not in keep:
+                shutil.rmtree(slot, ignore_errors=True)
+        self._finish(upd, "failed" if upd.get("error") else "installed")
+        return Ev.SUCCESS
+
+    def _finish(self, upd: dict, outcome: str) -> None:
+        doc = self.store.load()
+        doc["update"] = None
+        doc["last_update"] = {"bundle": upd["bundle"], "version": upd.get("version"), "outcome": outcome,
+                              "error": upd.get("error", ""), "t": time.time()}
+        doc["events"].append({"t": time.time(), "event": outcome, "version": upd.get("version"),
+                              "error": upd.get("error", "")})
+        self.store.save(doc)
+
+
+def _runtime_available(m: Manifest) -> None:
+    if m.format == "tflite":
+        tflite_interpreter_class("tflite-runtime" if m.runtime == "tflite-runtime" else "litert")
+    else:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeMissingError(f"{m.id} needs ONNX Runtime; pip install onnxruntime") from exc

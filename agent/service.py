@@ -1,0 +1,144 @@
+"""The running agent: the active model, hot swap on commit, and inference metrics.
+
+A request takes a reference to the current ``Loaded`` model and runs on it; a commit loads the new
+model first and then swaps the reference, so in-flight requests finish on the old model, new ones go
+to the new model, and no request fails during an update.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import AgentError
+from agent.install import Device, Engine, Result
+from agent.keys import Keyring
+from agent.manifest import Manifest, parse_manifest
+from agent.runtime import Model, load_model
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+class NotReadyError(AgentError):
+    """No model is installed yet."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    slot: str
+    manifest: Manifest
+    model: Model
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.errors: dict[tuple[str, int], int] = {}
+        self.hist: dict[tuple[str, int], list[int]] = {}
+        self.sum_ms: dict[tuple[str, int], float] = {}
+
+    def observe(self, key: tuple[str, int], ms: float, ok: bool) -> None:
+        with self._lock:
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if not ok:
+                self.errors[key] = self.errors.get(key, 0) + 1
+            h = self.hist.setdefault(key, [0] * (len(BUCKETS_MS) + 1))
+            h[next((i for i, b in enumerate(BUCKETS_MS) if ms <= b), len(BUCKETS_MS))] += 1
+            self.sum_ms[key] = self.sum_ms.get(key, 0.0) + ms
+
+    def prometheus(self, active: Loaded | None) -> str:
+        lines = ["# HELP edgeship_requests_total Inference requests.", "# TYPE edgeship_requests_total counter"]
+        with self._lock:
+            for (m, v), n in sorted(self.requests.items()):
+                lines.append(f'edgeship_requests_total{{model="{m}",version="{v}"}} {n}')
+            lines += ["# HELP edgeship_errors_total Failed inference requests.",
+                      "# TYPE edgeship_errors_total counter"]
+            for (m, v), n in sorted(self.errors.items()):
+                lines.append(f'edgeship_errors_total{{model="{m}",version="{v}"}} {n}')
+            lines += ["# HELP edgeship_latency_ms Inference latency.", "# TYPE edgeship_latency_ms histogram"]
+            for (m, v), h in sorted(self.hist.items()):
+                acc = 0
+                for b, c in zip(list(BUCKETS_MS) + ["+Inf"], h):
+                    acc += c
+                    lines.append(f'edgeship_latency_ms_bucket{{model="{m}",version="{v}",le="{b}"}} {acc}')
+                lines.append(f'edgeship_latency_ms_sum{{model="{m}",version="{v}"}} {self.sum_ms[(m, v)]:.3f}')
+                lines.append(f'edgeship_latency_ms_count{{model="{m}",version="{v}"}} {acc}')
+        lines += ["# HELP edgeship_active_model_version Version currently serving.",
+                  "# TYPE edgeship_active_model_version gauge"]
+        if active:
+            lines.append(f'edgeship_active_model_version{{model="{active.manifest.name}"}} '
+                         f'{active.manifest.version}')
+        return "\n".join(lines) + "\n"
+
+
+class Agent:
+    """Python API of the device agent."""
+
+    def __init__(self, state_dir: Path, keyring: Keyring, arch: str, threads: int | None = None,
+                 faults: dict[str, str] | None = None):
+        self.store = Store(state_dir)
+        self.threads = threads
+        self.engine = Engine(self.store, keyring, Device(arch, threads), on_commit=self._swap, faults=faults)
+        self.metrics = Metrics()
+        self._current: Loaded | None = None
+        self._install_lock = threading.Lock()
+
+    def start(self) -> Result | None:
+        """Recover an interrupted update, then load the active model."""
+        res = self.engine.recover()
+        active = self.store.load().get("active")
+        if active and (self._current is None or self._current.slot != active):
+            self._swap(active)
+        return res
+
+    @property
+    def current(self) -> Loaded | None:
+        return self._current
+
+    def install(self, bundle: Path, allow_downgrade: bool = False) -> Result:
+        with self._install_lock:
+            return self.engine.install(Path(bundle), allow_downgrade)
+
+    def rollback(self) -> str:
+        with self._install_lock:
+            return self.engine.rollback()
+
+    def predict(self, feed: Any) -> dict[str, np.ndarray]:
+        cur = self._current  # one reference for the whole request: a swap cannot affect it
+        if cur is None:
+            raise NotReadyError("no model installed; install a bundle first")
+        key = (cur.manifest.name, cur.manifest.version)
+        t = time.perf_counter()
+        try:
+            out = cur.model.predict(feed)
+        except AgentError:
+            self.metrics.observe(key, (time.perf_counter() - t) * 1e3, False)
+            raise
+        self.metrics.observe(key, (time.perf_counter() - t) * 1e3, True)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        doc = self.store.load()
+        cur = self._current
+        return {"active": doc.get("active"), "previous": doc.get("previous"),
+                "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
+                "update": doc.get("update"), "last_update": doc.get("last_update")}
+
+    def _swap(self, slot: str | None) -> None:
+        if not slot:
+            self._current = None
+            return
+        folder = self.store.slot(slot)
+        m = parse_manifest((folder / "manifest.json").read_bytes())
+        model = load_model(folder / m.model_file, threads=self.threads or m.threads)
+        self._current = Loaded(slot, m, model)
+        log.info("serving %s (%s) from slot %s", m.id, m.precision, slot)

@@ -1,0 +1,233 @@
+"""The crash-safe install engine: table-driven crash and error tests, every refusal, hot swap."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.bundle import write_bundle
+from agent.keys import Keyring
+from agent.service import Agent
+from conftest import ROOT
+
+
+def rebundle(src: Path, dst: Path, key, **changes) -> Path:
+    """Re-sign an existing bundle with manifest changes (files=... replaces file contents)."""
+    files_override = changes.pop("files", {})
+    with tarfile.open(src) as tar:
+        doc = json.loads(tar.extractfile("manifest.json").read())
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()
+                 if m.name not in ("manifest.json", "manifest.sig")}
+    files.update(files_override)
+    doc.update(changes)
+    doc.pop("files", None)
+    write_bundle(dst, doc, files, key.sign, key.key_id)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bundles(digits_build, signing_key, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bundles")
+    v1 = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    return {"v1": v1, "v2": rebundle(v1, d / "v2.bundle", signing_key, version=2),
+            "v3": rebundle(v1, d / "v3.bundle", signing_key, version=3), "dir": d}
+
+
+@pytest.fixture()
+def keyring_dir(settings, signing_key):
+    return settings.keyring_path
+
+
+def make_agent(tmp_path, keyring, **kw) -> Agent:
+    a = Agent(tmp_path / "state", keyring, "aarch64", **kw)
+    a.start()
+    return a
+
+
+X = np.random.default_rng(0).random((3, 8, 8, 1), np.float32)
+
+
+def serving_version(state: Path, keyring: Keyring) -> int:
+    a = Agent(state, keyring, "aarch64")
+    a.start()
+    assert a.current is not None, "agent came back serving nothing"
+    assert a.predict(X)["probs"].shape == (3, 10)
+    return a.current.manifest.version
+
+
+def test_install_commit_and_rollback(tmp_path, keyring, bundles):
+    a = make_agent(tmp_path, keyring)
+    r = a.install(bundles["v1"])
+    assert r.ok and r.chain == ["Verify", "Stage", "VerifyModel", "Commit", "Cleanup"]
+    r = a.install(bundles["v2"])
+    assert r.status == "installed" and a.current.manifest.version == 2
+    assert a.install(bundles["v2"]).status == "nothing-to-do"
+    assert a.rollback().startswith("digits-v1") and a.current.manifest.version == 1
+    slots = sorted(p.name for p in (tmp_path / "state" / "slots").iterdir())
+    assert len(slots) == 2  # active and previous, side by side
+
+
+@pytest.mark.parametrize("state, expect", [
+    ("Stage", 1), ("VerifyModel", 1), ("Commit", 1), ("Cleanup", 2), ("Rollback", 1), ("Failure", 1),
+])
+def test_killed_in_state(tmp_path, keyring, keyring_dir, bundles, state, expect):
+    """kill -9 the agent in each persisted state, 3 times, then restart: old or new, never nothing."""
+    st = tmp_path / "state"
+    a = make_agent(tmp_path, keyring)
+    assert a.install(bundles["v1"]).ok
+    faults = f"{state}=crash" + (",VerifyModel=error" if state in ("Rollback", "Failure") else "")
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-m", "agent.cli", "install", str(bundles["v2"]),
+                               "--state-dir", str(st), "--keyring", str(keyring_dir), "--arch", "aarch64"],
+                              env={**os.environ, "EDGESHIP_AGENT_FAULTS": faults}, capture_output=True,
+                              text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        assert json.loads((st / "state.json").read_text())["update"]["state"] == state
+        assert serving_version(st, keyring) == expect  # restart: recovery runs, a model serves
+        doc = json.loads((st / "state.json").read_text())
+        assert doc["update"] is None
+        if expect == 1:
+            assert doc["last_update"]["outcome"] == "failed"
+            assert not [p for p in (st / "slots").iterdir() if "-v2-" in p.name]
+        else:
+            break  # v2 is installed; re-installing is nothing-to-do
+
+
+@pytest.mark.parametrize("state", ["Stage", "VerifyModel", "Commit"])
+def test_error_in_state_rolls_back(tmp_path, keyring, bundles, state):
+    a = make_agent(tmp_path, keyring, faults={state: "error"})
+    a.engine.faults = {}
+    assert a.install(bundles["v1"]).ok
+    a.engine.faults = {state: "error"}
+    r = a.install(bundles["v2"])
+    upto = ["Verify", "Stage", "VerifyModel", "Commit"]
+    assert r.chain == upto[:upto.index(state) + 1] + ["Rollback", "Failure", "Cleanup"]
+    assert r.status == "rolled-back" and f"injected error in {state}" in r.reason
+    assert a.current.manifest.version == 1 and a.predict(X)["probs"].shape == (3, 10)
+
+
+def test_crash_loop_is_stopped(tmp_path, keyring, bundles):
+    from agent.install import MAX_SAVES
+
+    a = make_agent(tmp_path, keyring)
+    assert a.install(bundles["v1"]).ok
+    st = a.store.load()
+    st["update"] = {"bundle": str(bundles["v2"]), "state": "Stage", "saves": MAX_SAVES, "slot": "x",
+                    "from": st["active"], "allow_downgrade": False}
+    a.store.save(st)
+    b = make_agent(tmp_path, keyring)
+    assert b.store.load()["update"] is None and "crash loop" in b.store.load()["last_update"]["error"]
+    assert b.current.manifest.version == 1
+
+
+def _refusal_cases(bundles, key, tmp):
+    from agent.keys import key_id
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives import serialization
+
+    v2 = bundles["v2"]
+    data = v2.read_bytes()
+    cases = {}
+    p = tmp / "flipped.bundle"
+    b = bytearray(data)
+    b[len(b) // 2] ^= 1
+    p.write_bytes(bytes(b))
+    cases["hash mismatch"] = (p, "hash or size mismatch|not canonical|altered")
+    p = tmp / "truncated.bundle"
+    p.write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (p, "truncated|not a readable")
+    other = Ed25519PrivateKey.generate()
+    raw = other.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    from types import SimpleNamespace
+
+    unknown = SimpleNamespace(sign=other.sign, key_id=key_id(raw))
+    cases["unknown key"] = (rebundle(v2, tmp / "unknown.bundle", unknown), "does not trust")
+    forged = SimpleNamespace(sign=other.sign, key_id=key.key_id)
+    cases["bad signature"] = (rebundle(v2, tmp / "forged.bundle", forged), "signature does not match")
+    cases["wrong arch"] = (rebundle(v2, tmp / "arch.bundle", key, arch="armv7l"), "built for armv7l")
+    cases["downgrade"] = (rebundle(v2, tmp / "old.bundle", key, version=1, name="digits"),
+                          "older than the installed|same version")
+    cases["model fails to load"] = (rebundle(v2, tmp / "garbage.bundle", key, version=4,
+                                             files={"model.tflite": b"TFL3 not a model"}), "could not load")
+    with tarfile.open(v2) as tar:
+        golden = tar.extractfile("golden.npz").read()
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(golden)) as zin, zipfile.ZipFile(buf, "w") as zout:
+        for info in zin.infolist():
+            content = zin.read(info)
+            if info.filename.startswith("out."):
+                arr = np.lib.format.read_array(io.BytesIO(content))
+                out = io.BytesIO()
+                np.lib.format.write_array(out, np.roll(arr, 1, axis=1))
+                content = out.getvalue()
+            zout.writestr(info, content)
+    cases["golden mismatch"] = (rebundle(v2, tmp / "golden.bundle", key, version=5,
+                                         files={"golden.npz": buf.getvalue()}), "differs from the golden set")
+    evil = tmp / "escape.bundle"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../../etc/evil")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    cases["tar escape"] = (evil, "unsafe or duplicate entry name")
+    return cases
+
+
+def test_every_refusal_keeps_the_running_model(tmp_path, keyring, bundles, signing_key):
+    a = make_agent(tmp_path, keyring)
+    assert a.install(bundles["v2"]).ok
+    for name, (bundle, match) in _refusal_cases(bundles, signing_key, tmp_path).items():
+        r = a.install(bundle)
+        assert not r.ok, name
+        import re
+
+        assert re.search(match, r.reason), (name, r.reason)
+        assert a.current.manifest.version == 2, name
+        assert a.predict(X)["probs"].shape == (3, 10)
+        doc = a.store.load()
+        assert doc["update"] is None and doc["last_update"]["error"] == r.reason
+        assert len(list((tmp_path / "state" / "slots").iterdir())) == 1, name
+    assert not (tmp_path / "etc").exists()
+
+
+def test_hot_swap_has_zero_failed_requests(tmp_path, keyring, bundles):
+    a = make_agent(tmp_path, keyring)
+    assert a.install(bundles["v1"]).ok
+    seen, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                cur = a.current
+                a.predict(X)
+                seen.append(cur.manifest.version)
+            except Exception as exc:  # noqa: BLE001 - any failure counts
+                failures.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert a.install(bundles["v2"]).ok
+        assert a.install(bundles["v3"]).ok
+    finally:
+        import time
+
+        time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert {1, 3} <= set(seen) and len(seen) > 50
+    assert a.current.manifest.version == 3
