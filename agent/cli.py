@@ -148,6 +148,55 @@ def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None
     click.echo(json.dumps(agent.status(), default=str))
 
 
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="agent.toml (see docs/agent.md).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keyring", type=click.Path(path_type=Path))
+@click.option("--host", "http_host", help="HTTP bind address [default 127.0.0.1].")
+@click.option("--port", "http_port", type=int, help="HTTP port [default 8080; 0 = any free port].")
+@click.option("--install", "install_bundle", type=click.Path(dir_okay=False, path_type=Path),
+              help="Install this bundle at start-up (the running server hot-swaps to it).")
+def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, http_host: str | None,
+        http_port: int | None, install_bundle: Path | None) -> None:
+    """Run the agent service: recover, load the active model, serve the local HTTP API."""
+    import logging
+    import signal
+
+    from agent.config import load_config
+    from agent.http import make_server
+    from agent.keys import Keyring
+    from agent.service import Agent
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(config_path, {"state_dir": state_dir, "keyring": keyring, "http_host": http_host,
+                                    "http_port": http_port})
+    agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads)
+    agent.start()
+    server = make_server(agent, cfg.http_host, cfg.http_port, cfg.max_body_bytes)
+    host, port = server.server_address[:2]
+    cur = agent.current
+    click.echo(f"edgeship-agent {cfg.device_id}: serving "
+               f"{cur.manifest.id if cur else 'no model yet'} on http://{host}:{port}", err=False)
+    sys.stdout.flush()
+    def _term(*_: Any) -> None:
+        raise KeyboardInterrupt  # systemd stop: leave serve_forever and close cleanly
+
+    signal.signal(signal.SIGTERM, _term)
+    if install_bundle:
+        import threading
+
+        threading.Thread(target=lambda: click.echo(f"install: {agent.install(install_bundle).status}"),
+                         daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def main() -> None:
     cli(prog_name="edgeship-agent")
 

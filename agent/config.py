@@ -1,0 +1,89 @@
+"""Agent configuration: parsed once at the entry point into a frozen dataclass.
+
+Precedence: command-line flag > environment (EDGESHIP_AGENT_*) > file (agent.toml) > default.
+Errors name the file and key.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from agent.errors import AgentError
+
+
+class ConfigError(AgentError):
+    """The agent configuration is missing a value or has a wrong one."""
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path
+    keyring: Path
+    device_id: str
+    arch: str
+    threads: int | None
+    http_host: str
+    http_port: int
+    max_body_bytes: int
+
+
+FIELDS: dict[str, tuple[str, type, Any]] = {
+    # name: (toml key, type, default)
+    "state_dir": ("agent.state_dir", str, "/var/lib/edgeship"),
+    "keyring": ("agent.keyring", str, "/etc/edgeship/keys"),
+    "device_id": ("agent.device_id", str, None),
+    "arch": ("agent.arch", str, None),
+    "threads": ("agent.threads", int, None),
+    "http_host": ("http.host", str, "127.0.0.1"),
+    "http_port": ("http.port", int, 8080),
+    "max_body_bytes": ("http.max_body_bytes", int, 16 << 20),
+}
+
+
+def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    doc: dict[str, Any] = {}
+    where = str(path) if path else "defaults"
+    if path is not None:
+        try:
+            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    values: dict[str, Any] = {}
+    for name, (key, typ, default) in FIELDS.items():
+        section, k = key.split(".")
+        v = (flags or {}).get(name)
+        src = "flag"
+        if v is None and f"EDGESHIP_AGENT_{name.upper()}" in env:
+            v, src = env[f"EDGESHIP_AGENT_{name.upper()}"], "env"
+        if v is None and k in doc.get(section, {}):
+            v, src = doc[section][k], "file"
+        if v is None:
+            v = default
+        if v is not None and not isinstance(v, typ) or isinstance(v, bool):
+            try:
+                v = typ(v) if src == "env" else _bad(where, key, typ, v)
+            except ValueError as exc:
+                raise ConfigError(f"EDGESHIP_AGENT_{name.upper()}: expected {typ.__name__}, got {v!r}") from exc
+        values[name] = v
+    for name in ("threads", "http_port", "max_body_bytes"):
+        if values[name] is not None and values[name] < (0 if name == "http_port" else 1):
+            raise ConfigError(f"{where}: {FIELDS[name][0]}: must be positive, got {values[name]}")
+    return Config(state_dir=Path(values["state_dir"]), keyring=Path(values["keyring"]),
+                  device_id=values["device_id"] or socket.gethostname(),
+                  arch=values["arch"] or platform.machine(), threads=values["threads"],
+                  http_host=values["http_host"], http_port=values["http_port"],
+                  max_body_bytes=values["max_body_bytes"])
+
+
+def _bad(where: str, key: str, typ: type, v: Any) -> Any:
+    raise ConfigError(f"{where}: {key}: expected {typ.__name__}, got {v!r}")

@@ -1,0 +1,33 @@
+"""Agent configuration: precedence flag > env > file > default, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import ConfigError, load_config
+
+
+def test_precedence(tmp_path):
+    f = tmp_path / "agent.toml"
+    f.write_text('[agent]\nstate_dir = "/file/state"\nthreads = 2\ndevice_id = "pi-1"\n[http]\nport = 9000\n')
+    cfg = load_config(f, flags={"http_port": 9100}, env={"EDGESHIP_AGENT_THREADS": "3"})
+    assert cfg.http_port == 9100 and cfg.threads == 3 and str(cfg.state_dir) == "/file/state"
+    assert cfg.device_id == "pi-1" and cfg.http_host == "127.0.0.1" and cfg.max_body_bytes == 16 << 20
+    assert load_config(None, env={}).http_port == 8080
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[http]\nport = "eighty"\n', r"http.port: expected int, got 'eighty'"),
+    ("[agent]\nthreads = 0\n", r"agent.threads: must be positive"),
+    ("[agent\n", "not valid TOML"),
+])
+def test_errors_name_file_and_key(tmp_path, text, match):
+    f = tmp_path / "agent.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as exc:
+        load_config(f, env={})
+    assert str(f) in str(exc.value)
+    with pytest.raises(ConfigError, match="EDGESHIP_AGENT_HTTP_PORT: expected int"):
+        load_config(None, env={"EDGESHIP_AGENT_HTTP_PORT": "x"})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.toml", env={})
