@@ -1,0 +1,57 @@
+"""Agent smoke run for an emulated Raspberry Pi 4 (aarch64 wheels under qemu-user).
+
+Runs in-process (no subprocess: without binfmt_misc an emulated exec of sys.executable fails):
+install v1 (signature, hashes, LiteRT load, golden set), serve HTTP, infer over v2, install v2 with hot
+swap, refuse a tampered bundle, roll back. Prints one JSON line with what it saw.
+usage: python aarch64_smoke.py STATE_DIR KEYRING V1 V2 TAMPERED INPUT_NPY
+"""
+
+import http.client
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from agent.http import make_server, serve_in_thread
+from agent.keys import Keyring
+from agent.service import Agent
+
+
+def post(port, path, body):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def main():
+    state, keyring, v1, v2, tampered, xpath = sys.argv[1:7]
+    agent = Agent(Path(state), Keyring.load(keyring), platform.machine())
+    agent.start()
+    out = {"machine": platform.machine(), "numpy": np.__version__}
+    out["install_v1"] = agent.install(Path(v1)).chain
+    out["runtime"] = agent.current.model.runtime
+    server = make_server(agent, "127.0.0.1", 0)
+    serve_in_thread(server)
+    port = server.server_address[1]
+    x = np.load(xpath)
+    status, res = post(port, "/v2/models/digits/infer", {"inputs": [
+        {"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+    out["infer_status"] = status
+    out["infer_top1"] = np.array(res["outputs"][0]["data"]).reshape(x.shape[0], -1).argmax(1).tolist()
+    out["install_v2"] = agent.install(Path(v2)).status
+    out["serving_after_v2"] = agent.current.manifest.version
+    bad = agent.install(Path(tampered))
+    out["tampered"] = [bad.status, bad.reason[:80]]
+    out["rollback_to"] = agent.rollback()
+    out["serving_after_rollback"] = agent.current.manifest.version
+    status, res = post(port, "/predict", {"input": x[0].tolist()})
+    out["predict_status"], out["predict_label"] = status, res.get("label")
+    server.shutdown()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
