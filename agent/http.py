@@ -56,6 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
     agent: Agent
     max_body: int
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: avoid 40 ms delayed-ACK stalls
     server_version = f"edgeship-agent/{__version__}"
 
     def log_message(self, fmt: str, *args: Any) -> None:

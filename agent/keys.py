@@ -11,10 +11,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.errors import KeyringError, SignatureError
 
 PUBLIC_PREFIX = "edgeship-ed25519 "
@@ -43,6 +39,9 @@ def decode_public_key(text: str, where: str) -> bytes:
             raise KeyringError(f"{where}: an Ed25519 public key has 32 bytes, got {len(raw)}")
         return raw
     if text.startswith("-----BEGIN PUBLIC KEY-----"):
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             key = serialization.load_pem_public_key(text.encode())
         except ValueError as exc:
@@ -82,6 +81,10 @@ class Keyring:
 
     def verify(self, kid: str, message: bytes, signature: bytes, where: str) -> None:
         """Raise SignatureError unless ``signature`` over ``message`` is valid for trusted key ``kid``."""
+        # cryptography is imported on first use: a serving-only agent process does not pay its memory
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         raw = self.keys.get(kid)
         if raw is None:
             raise SignatureError(f"{where}: signed by key {kid!r}, which this device does not trust "

@@ -44,8 +44,11 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     dt = np.dtype(spec.dtype)
     if spec.quantized and dt.kind in "iu":
         info = np.iinfo(dt)
-        q = np.round(np.asarray(x, np.float32) / spec.scale + spec.zero_point)
-        return np.clip(q, info.min, info.max).astype(dt)
+        buf = np.multiply(x, np.float32(1.0 / spec.scale), dtype=np.float32)  # one new buffer, in-place after
+        np.add(buf, np.float32(spec.zero_point), out=buf)
+        np.rint(buf, out=buf)
+        np.clip(buf, info.min, info.max, out=buf)
+        return buf.astype(dt)
     return np.asarray(x).astype(dt, copy=False)
 
 
