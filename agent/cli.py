@@ -83,6 +83,12 @@ def predict(bundle: Path, keyring: Path, input_path: Path) -> None:
     click.echo(json.dumps(result))
 
 
+class _JSONFormatter:
+    def format(self, record: Any) -> str:
+        return json.dumps({"t": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                           "msg": record.getMessage()})
+
+
 def _agent(state_dir: Path, keyring: Path, arch: str | None, threads: int | None):
     import os
     import platform
@@ -157,19 +163,23 @@ def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None
 @click.option("--port", "http_port", type=int, help="HTTP port [default 8080; 0 = any free port].")
 @click.option("--install", "install_bundle", type=click.Path(dir_okay=False, path_type=Path),
               help="Install this bundle at start-up (the running server hot-swaps to it).")
+@click.option("--log-json", is_flag=True, help="One JSON object per log line (for journald/log shippers).")
 def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, http_host: str | None,
-        http_port: int | None, install_bundle: Path | None) -> None:
+        http_port: int | None, install_bundle: Path | None, log_json: bool) -> None:
     """Run the agent service: recover, load the active model, serve the local HTTP API."""
     import logging
     import signal
+    import threading
 
     from agent.config import load_config
     from agent.http import make_server
     from agent.keys import Keyring
     from agent.service import Agent
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stdout)  # stdout -> journald under systemd
+    handler.setFormatter(_JSONFormatter() if log_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     cfg = load_config(config_path, {"state_dir": state_dir, "keyring": keyring, "http_host": http_host,
                                     "http_port": http_port})
     agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads)
@@ -183,10 +193,9 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     def _term(*_: Any) -> None:
         raise KeyboardInterrupt  # systemd stop: leave serve_forever and close cleanly
 
-    signal.signal(signal.SIGTERM, _term)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _term)
     if install_bundle:
-        import threading
-
         threading.Thread(target=lambda: click.echo(f"install: {agent.install(install_bundle).status}"),
                          daemon=True).start()
     try:

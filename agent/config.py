@@ -63,6 +63,8 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
         section, k = key.split(".")
         v = (flags or {}).get(name)
         src = "flag"
+        if isinstance(v, Path):
+            v = str(v)
         if v is None and f"EDGESHIP_AGENT_{name.upper()}" in env:
             v, src = env[f"EDGESHIP_AGENT_{name.upper()}"], "env"
         if v is None and k in doc.get(section, {}):

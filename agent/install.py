@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from agent.bundle import extract_bundle, verify_bundle
+from agent.bundle import Limits, extract_bundle, verify_bundle
 from agent.errors import AgentError, CompatibilityError, RuntimeMissingError
 from agent.golden import replay
 from agent.keys import Keyring
@@ -103,8 +103,8 @@ class Engine:
 
     def __init__(self, store: Store, keyring: Keyring, device: Device,
                  on_commit: Callable[[str], None] = lambda slot: None,
-                 faults: dict[str, str] | None = None):
-        self.store, self.keyring, self.device = store, keyring, device
+                 faults: dict[str, str] | None = None, limits: Limits = Limits()):
+        self.store, self.keyring, self.device, self.limits = store, keyring, device, limits
         self.on_commit, self.faults = on_commit, faults or {}
 
     # ------------------------------------------------------------ public
@@ -197,7 +197,7 @@ class Engine:
 
     # ------------------------------------------------------------ states
     def _verify(self, upd: dict) -> Ev:
-        m = verify_bundle(Path(upd["bundle"]), self.keyring)
+        m = verify_bundle(Path(upd["bundle"]), self.keyring, self.limits)
         upd["version"], upd["name"] = m.version, m.name
         upd["slot"] = f"{m.name}-v{m.version}-{m.files[0].sha256[:8]}"
         if m.arch != self.device.arch:
@@ -220,7 +220,7 @@ class Engine:
         if upd["slot"] in (self.store.load().get("active"), self.store.load().get("previous")):
             return Ev.SUCCESS  # re-installing the previous slot: already on disk and verified
         shutil.rmtree(dest, ignore_errors=True)
-        extract_bundle(Path(upd["bundle"]), self.keyring, dest)
+        extract_bundle(Path(upd["bundle"]), self.keyring, dest, self.limits)
         return Ev.SUCCESS
 
     def _verify_model(self, upd: dict) -> Ev:

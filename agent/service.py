@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.bundle import Limits
 from agent.errors import AgentError
 from agent.install import Device, Engine, Result
 from agent.keys import Keyring
@@ -84,10 +85,11 @@ class Agent:
     """Python API of the device agent."""
 
     def __init__(self, state_dir: Path, keyring: Keyring, arch: str, threads: int | None = None,
-                 faults: dict[str, str] | None = None):
+                 faults: dict[str, str] | None = None, limits: Limits = Limits()):
         self.store = Store(state_dir)
         self.threads = threads
-        self.engine = Engine(self.store, keyring, Device(arch, threads), on_commit=self._swap, faults=faults)
+        self.engine = Engine(self.store, keyring, Device(arch, threads), on_commit=self._swap, faults=faults,
+                             limits=limits)
         self.metrics = Metrics()
         self._current: Loaded | None = None
         self._install_lock = threading.Lock()

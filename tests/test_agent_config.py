@@ -14,6 +14,9 @@ def test_precedence(tmp_path):
     assert cfg.http_port == 9100 and cfg.threads == 3 and str(cfg.state_dir) == "/file/state"
     assert cfg.device_id == "pi-1" and cfg.http_host == "127.0.0.1" and cfg.max_body_bytes == 16 << 20
     assert load_config(None, env={}).http_port == 8080
+    from pathlib import Path
+
+    assert load_config(None, flags={"state_dir": Path("/x")}, env={}).state_dir == Path("/x")
 
 
 @pytest.mark.parametrize("text, match", [

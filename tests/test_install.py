@@ -231,3 +231,51 @@ def test_hot_swap_has_zero_failed_requests(tmp_path, keyring, bundles):
     assert failures == []
     assert {1, 3} <= set(seen) and len(seen) > 50
     assert a.current.manifest.version == 3
+
+
+def test_refused_missing_runtime_and_oversized(tmp_path, keyring, bundles, monkeypatch):
+    import agent.runtime as rt
+    from agent.bundle import Limits
+
+    a = make_agent(tmp_path, keyring)
+    assert a.install(bundles["v1"]).ok
+    monkeypatch.setattr(rt, "TFLITE_RUNTIMES", (("litert", "no_such_module_xyz", "pip install ai-edge-litert"),))
+    r = a.install(bundles["v2"])
+    assert r.status == "refused" and "pip install ai-edge-litert" in r.reason
+    monkeypatch.undo()
+    small = Agent(tmp_path / "state", keyring, "aarch64", limits=Limits(max_file_bytes=1000))
+    small.start()
+    r = small.install(bundles["v2"])
+    assert r.status == "refused" and "exceeds the size limit" in r.reason
+    assert small.current.manifest.version == 1
+
+
+def test_edgeship_agent_run_stays_light(tmp_path, digits_build, settings):
+    """The modules a running agent (`edgeship-agent run`, serving HTTP) pulls in: no TensorFlow."""
+    from conftest import run_py
+
+    bundle = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    code = f'''
+import sys, threading, time, json, http.client
+from click.testing import CliRunner
+from agent.cli import cli
+args = ["run", "--state-dir", {str(tmp_path / "st")!r}, "--keyring", {str(settings.keyring_path)!r},
+        "--port", "0", "--install", {str(bundle)!r}]
+import agent.service
+orig = agent.service.Agent.start
+started = []
+def start(self):
+    started.append(self); return orig(self)
+agent.service.Agent.start = start
+res = []
+t = threading.Thread(target=lambda: res.append(CliRunner().invoke(cli, args)), daemon=True); t.start()
+for _ in range(200):
+    if started and started[0].current is not None: break
+    time.sleep(0.05)
+assert started and started[0].current is not None, res and (res[0].output, res[0].exception)
+import os  # CliRunner swapped sys.stdout for the running command: write to fd 1
+os.write(1, (json.dumps(sorted({{m.split(".")[0] for m in sys.modules}})) + "\\n").encode())
+'''
+    mods = set(json.loads(run_py(code, EDGESHIP_AGENT_ARCH="aarch64").strip().splitlines()[-1]))
+    assert "ai_edge_litert" in mods
+    assert not mods & {"tensorflow", "tf_keras", "tf2onnx", "toolkit", "keras", "onnx"}
