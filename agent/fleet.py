@@ -1,0 +1,212 @@
+"""The agent's fleet link: follow the desired state over MQTT, download bundles in content-addressed
+chunks (resumable: finished chunks live on disk), hand them to the install engine, report back.
+
+paho's callbacks run on its network thread and only enqueue; one worker thread does the real work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.keys import Keyring
+from agent.mqtt import Broker, make_client
+from agent.protocol import (Desired, ProtocolError, bundle_index_topic, chunk_topic, device_topic,
+                            group_topic, parse_message)
+from agent.service import Agent
+from agent.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+class FleetLink:
+    def __init__(self, agent: Agent, keyring: Keyring, broker: Broker, fleet: str, device_id: str,
+                 group: str = ""):
+        self.agent, self.keyring, self.broker = agent, keyring, broker
+        self.fleet, self.device, self.group = fleet, device_id, group
+        self.dir = agent.store.dir / "downloads"
+        self.dir.mkdir(exist_ok=True)
+        self.state_path = agent.store.dir / "fleet.json"
+        self.q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.client = make_client(f"edgeship-{fleet}-{device_id}", broker)
+        self.client.will_set(device_topic(fleet, device_id, "presence"),
+                             json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, msg: self.q.put((msg.topic, msg.payload))
+        self.pending: dict[str, Any] | None = None  # {"desired": ..., "index": ...}
+        self.status, self.error = "idle", ""
+        self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._worker.start()
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.publish(device_topic(self.fleet, self.device, "presence"),
+                            json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.q.put(None)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("MQTT connect refused: %s", reason)
+            return
+        client.publish(device_topic(self.fleet, self.device, "presence"),
+                       json.dumps({"v": 1, "type": "presence", "online": True, "t": time.time()}), qos=1, retain=True)
+        subs = [(device_topic(self.fleet, self.device, "desired"), 1)]
+        if self.group:
+            subs.append((group_topic(self.fleet, self.group), 1))
+        client.subscribe(subs)
+        self.q.put(("$resume", b""))
+
+    # ------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while (item := self.q.get()) is not None:
+            topic, payload = item
+            try:
+                if topic == "$resume":
+                    self._report()
+                    self._resubscribe()
+                elif topic.endswith("/desired"):
+                    self._on_desired(topic, payload)
+                elif topic.endswith("/index"):
+                    self._on_index(topic, payload)
+                elif "/chunk/" in topic:
+                    self._on_chunk(topic, payload)
+            except ProtocolError as exc:
+                log.warning("ignored message: %s", exc)
+                if topic.endswith("/desired"):
+                    self._report(error=str(exc))
+            except Exception:  # the link must survive anything a broker sends
+                log.exception("error handling %s", topic)
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {"seq": 0, "installed_sha256": None}
+
+    def _save(self, doc: dict[str, Any]) -> None:
+        atomic_write(self.state_path, json.dumps(doc).encode())
+
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        doc = parse_message(payload, topic, self.keyring, expect_type="desired")
+        target = doc.get("target", "")
+        if target not in (f"device:{self.device}", f"group:{self.group}"):
+            raise ProtocolError(f"{topic}: desired state for {target!r}, not for this device")
+        d = Desired.from_doc(doc, topic)
+        st = self._load()
+        if d.seq <= st.get("seq", 0):
+            log.info("ignoring stale desired state %s v%d (seq %d <= %d)", d.model, d.version, d.seq, st["seq"])
+            return
+        st["seq"] = d.seq
+        st["desired"] = doc
+        self._save(st)
+        if st.get("installed_sha256") == d.sha256:
+            self._report()
+            return
+        self.pending = {"desired": d, "index": None}
+        self.status, self.error = "downloading", ""
+        self._report()
+        self.client.subscribe(bundle_index_topic(self.fleet, d.sha256), qos=1)
+
+    def _resubscribe(self) -> None:
+        st = self._load()
+        doc = st.get("desired")
+        if doc and st.get("installed_sha256") != doc.get("bundle_sha256") and self.pending is None:
+            self.pending = {"desired": Desired.from_doc(doc, "fleet.json"), "index": None}
+        if self.pending:
+            self.client.subscribe(bundle_index_topic(self.fleet, self.pending["desired"].sha256), qos=1)
+
+    def _on_index(self, topic: str, payload: bytes) -> None:
+        p = self.pending
+        if not p or not payload:
+            return
+        idx = parse_message(payload, topic, None, expect_type="index")
+        d: Desired = p["desired"]
+        if idx.get("sha256") != d.sha256 or idx.get("size") != d.size:
+            raise ProtocolError(f"{topic}: index does not match the desired bundle")
+        p["index"] = idx
+        self.client.unsubscribe(topic)
+        folder = self.dir / d.sha256
+        folder.mkdir(exist_ok=True)
+        missing = [i for i, h in enumerate(idx["chunks"]) if not self._have(folder, i, h)]
+        if not missing:
+            self._assemble()
+            return
+        self.client.subscribe([(chunk_topic(self.fleet, d.sha256, i), 1) for i in missing])
+
+    @staticmethod
+    def _have(folder: Path, i: int, sha: str) -> bool:
+        f = folder / f"{i}.chunk"
+        return f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() == sha
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        p = self.pending
+        if not p or not p.get("index"):
+            return
+        d: Desired = p["desired"]
+        if f"/bundle/{d.sha256}/chunk/" not in topic:
+            return
+        i = int(topic.rsplit("/", 1)[1])
+        chunks = p["index"]["chunks"]
+        if not 0 <= i < len(chunks) or hashlib.sha256(payload).hexdigest() != chunks[i]:
+            log.warning("%s: chunk hash mismatch, waiting for a good copy", topic)
+            return
+        folder = self.dir / d.sha256
+        atomic_write(folder / f"{i}.chunk", payload)
+        self.client.unsubscribe(topic)
+        if all((folder / f"{k}.chunk").is_file() for k in range(len(chunks))):
+            self._assemble()
+
+    def _assemble(self) -> None:
+        p = self.pending
+        assert p is not None
+        d: Desired = p["desired"]
+        folder = self.dir / d.sha256
+        bundle = self.dir / f"{d.sha256}.bundle"
+        h = hashlib.sha256()
+        with open(bundle, "wb") as out:
+            for k in range(len(p["index"]["chunks"])):
+                data = (folder / f"{k}.chunk").read_bytes()
+                h.update(data)
+                out.write(data)
+        if h.hexdigest() != d.sha256:
+            shutil.rmtree(folder, ignore_errors=True)
+            bundle.unlink(missing_ok=True)
+            raise ProtocolError(f"bundle {d.sha256[:12]}: assembled file does not match its hash")
+        self.status = "installing"
+        self._report()
+        res = self.agent.install(bundle)
+        st = self._load()
+        if res.ok:
+            st["installed_sha256"] = d.sha256
+            self.status, self.error = "installed", ""
+        else:
+            self.status, self.error = "failed", res.reason
+            st["failed_sha256"] = d.sha256
+        self._save(st)
+        self.pending = None
+        shutil.rmtree(folder, ignore_errors=True)
+        bundle.unlink(missing_ok=True)
+        self._report()
+
+    def _report(self, error: str = "") -> None:
+        cur = self.agent.current
+        doc = {"v": 1, "type": "reported", "device": self.device, "group": self.group,
+               "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
+               "installed_sha256": self._load().get("installed_sha256"), "status": self.status,
+               "error": error or self.error, "t": time.time()}
+        self.client.publish(device_topic(self.fleet, self.device, "reported"), json.dumps(doc), qos=1, retain=True)

@@ -1,0 +1,118 @@
+"""Fleet updates over a real Mosquitto broker: publish → agents download chunks → install → report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+from agent.mqtt import Broker, make_client
+from agent.protocol import device_topic, group_topic
+from agent.service import Agent
+from mosquitto import Mosquitto
+from test_install import rebundle
+from toolkit.publish import publish
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not __import__("os").path.exists(
+    "/usr/sbin/mosquitto"), reason="mosquitto not installed (apt-get install mosquitto)")
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    m = Mosquitto(tmp_path / "mosq").start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet_bundles(digits_build, signing_key, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fb")
+    v1 = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    return {"v1": v1, "v2": rebundle(v1, d / "v2.bundle", signing_key, version=2)}
+
+
+def start_agent(tmp_path, name, broker, keyring, group=""):
+    from agent.fleet import FleetLink
+
+    a = Agent(tmp_path / name, keyring, "aarch64")
+    a.start()
+    link = FleetLink(a, keyring, Broker.parse(broker.url), "test", name, group)
+    link.start()
+    return a, link
+
+
+class Watcher:
+    """Collects retained reported states."""
+
+    def __init__(self, broker):
+        self.reports: dict[str, dict] = {}
+        self.raw: list[tuple[str, bytes]] = []
+        self.c = make_client("watcher", Broker.parse(broker.url))
+        self.c.on_message = self._msg
+        self.c.connect("127.0.0.1", broker.port)
+        self.c.subscribe("edgeship/v1/test/device/+/reported", qos=1)
+        self.c.loop_start()
+
+    def _msg(self, c, u, m):
+        if m.payload:
+            d = json.loads(m.payload)
+            self.reports[d["device"]] = d
+
+    def wait(self, pred, timeout=60):
+        end = time.time() + timeout
+        while time.time() < end:
+            if pred(self.reports):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def test_publish_to_group_installs_on_every_agent(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    w = Watcher(broker)
+    agents = [start_agent(tmp_path, f"pi-{i}", broker, keyring, group="kitchen") for i in range(3)]
+    try:
+        res = publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, group="kitchen")
+        assert res["chunks"] >= 1 and res["target"] == "group:kitchen"
+        assert w.wait(lambda r: all(r.get(f"pi-{i}", {}).get("version") == 1 and
+                                    r[f"pi-{i}"]["status"] == "installed" for i in range(3))), w.reports
+        for a, _ in agents:
+            assert a.current.manifest.version == 1
+        publish(fleet_bundles["v2"], Broker.parse(broker.url), "test", signing_key, device="pi-1")
+        assert w.wait(lambda r: r.get("pi-1", {}).get("version") == 2), w.reports
+        assert agents[0][0].current.manifest.version == 1 and agents[1][0].current.manifest.version == 2
+    finally:
+        for _, link in agents:
+            link.stop()
+        w.stop()
+
+
+def test_offline_device_converges_and_bad_messages_are_ignored(tmp_path, broker, keyring, signing_key,
+                                                                fleet_bundles):
+    publish(fleet_bundles["v2"], Broker.parse(broker.url), "test", signing_key, device="late")
+    w = Watcher(broker)
+    bad = make_client("evil", Broker.parse(broker.url))
+    bad.connect("127.0.0.1", broker.port)
+    bad.loop_start()
+    a, link = start_agent(tmp_path, "late", broker, keyring)
+    try:
+        assert w.wait(lambda r: r.get("late", {}).get("version") == 2), w.reports
+        for payload in (b"not json", b'{"v": 1, "type": "desired"}', b"\xff\xfe",
+                        json.dumps({"v": 1, "type": "desired", "model": "digits", "version": 9,
+                                    "bundle_sha256": "0" * 64, "bundle_size": 10, "seq": 1,
+                                    "target": "device:late", "key_id": "x", "sig": "AAAA"}).encode()):
+            bad.publish(device_topic("test", "late", "desired"), payload, qos=1).wait_for_publish(5)
+        assert w.wait(lambda r: "unsigned" in r["late"].get("error", "") or "does not trust" in
+                      r["late"].get("error", "") or "not JSON" in r["late"].get("error", ""), 20), w.reports
+        time.sleep(0.5)
+        assert a.current.manifest.version == 2 and link._worker.is_alive()
+    finally:
+        link.stop()
+        bad.loop_stop()
+        w.stop()
