@@ -195,6 +195,15 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _term)
+    link = None
+    if cfg.mqtt_broker:
+        from agent.fleet import FleetLink
+        from agent.mqtt import Broker
+
+        broker = Broker.parse(cfg.mqtt_broker, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_ca_file)
+        link = FleetLink(agent, Keyring.load(cfg.keyring), broker, cfg.fleet, cfg.device_id, cfg.group)
+        link.start()
+        click.echo(f"fleet {cfg.fleet!r} via {broker.host}:{broker.port} (group {cfg.group or '-'})")
     if install_bundle:
         threading.Thread(target=lambda: click.echo(f"install: {agent.install(install_bundle).status}"),
                          daemon=True).start()
@@ -203,6 +212,8 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     except KeyboardInterrupt:
         pass
     finally:
+        if link is not None:
+            link.stop()
         server.server_close()
 
 

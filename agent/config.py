@@ -31,6 +31,12 @@ class Config:
     http_host: str
     http_port: int
     max_body_bytes: int
+    mqtt_broker: str | None = None
+    fleet: str = "default"
+    group: str = ""
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_ca_file: str | None = None
 
 
 FIELDS: dict[str, tuple[str, type, Any]] = {
@@ -43,6 +49,12 @@ FIELDS: dict[str, tuple[str, type, Any]] = {
     "http_host": ("http.host", str, "127.0.0.1"),
     "http_port": ("http.port", int, 8080),
     "max_body_bytes": ("http.max_body_bytes", int, 16 << 20),
+    "mqtt_broker": ("mqtt.broker", str, None),
+    "fleet": ("mqtt.fleet", str, "default"),
+    "group": ("mqtt.group", str, ""),
+    "mqtt_username": ("mqtt.username", str, None),
+    "mqtt_password": ("mqtt.password", str, None),
+    "mqtt_ca_file": ("mqtt.ca_file", str, None),
 }
 
 
@@ -84,7 +96,9 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
                   device_id=values["device_id"] or socket.gethostname(),
                   arch=values["arch"] or platform.machine(), threads=values["threads"],
                   http_host=values["http_host"], http_port=values["http_port"],
-                  max_body_bytes=values["max_body_bytes"])
+                  max_body_bytes=values["max_body_bytes"], mqtt_broker=values["mqtt_broker"],
+                  fleet=values["fleet"], group=values["group"], mqtt_username=values["mqtt_username"],
+                  mqtt_password=values["mqtt_password"], mqtt_ca_file=values["mqtt_ca_file"])
 
 
 def _bad(where: str, key: str, typ: type, v: Any) -> Any:

@@ -24,6 +24,7 @@ class Mosquitto:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         conf = self.folder / "mosquitto.conf"
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.chmod(0o777)  # run as root, mosquitto drops to its own user: it must write its db here
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                         f"persistence_location {self.folder}/\nmessage_size_limit 1048576\n"
                         f"max_inflight_messages 100\nmax_queued_messages 10000\n")

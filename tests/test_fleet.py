@@ -21,10 +21,16 @@ pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not __impo
 
 
 @pytest.fixture()
-def broker(tmp_path):
-    m = Mosquitto(tmp_path / "mosq").start()
+def broker():
+    import tempfile
+    from pathlib import Path
+
+    # Not under tmp_path: pytest's folders are 0700 and mosquitto (dropping root) must write its db.
+    folder = Path(tempfile.mkdtemp(prefix="edgeship-mosq-"))
+    m = Mosquitto(folder).start()
     yield m
     m.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +122,48 @@ def test_offline_device_converges_and_bad_messages_are_ignored(tmp_path, broker,
         link.stop()
         bad.loop_stop()
         w.stop()
+
+
+def test_tampered_chunk_is_ignored_and_transfer_resumes(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    """A corrupted retained chunk is refused; after the publisher repairs it, the agent finishes
+    without re-downloading the chunks it already had (resume), and after an agent restart too."""
+    from agent.protocol import chunk_index, chunk_topic
+
+    data = fleet_bundles["v2"].read_bytes()
+    idx = chunk_index(data)
+    publish(fleet_bundles["v2"], Broker.parse(broker.url), "test", signing_key, device="pi-t")
+    evil = make_client("evil2", Broker.parse(broker.url))
+    evil.connect("127.0.0.1", broker.port)
+    evil.loop_start()
+    evil.publish(chunk_topic("test", idx["sha256"], 0), b"tampered", qos=1, retain=True).wait_for_publish(5)
+    w = Watcher(broker)
+    a, link = start_agent(tmp_path, "pi-t", broker, keyring)
+    try:
+        assert w.wait(lambda r: r.get("pi-t", {}).get("status") == "downloading", 20)
+        time.sleep(1.0)
+        assert a.current is None  # chunk 0 was refused, nothing installed
+        have = sorted(p.name for p in (tmp_path / "pi-t" / "downloads" / idx["sha256"]).iterdir())
+        assert "0.chunk" not in have and len(have) == len(idx["chunks"]) - 1
+        link.stop()  # agent restart mid-transfer
+        a, link = start_agent(tmp_path, "pi-t", broker, keyring)
+        evil.publish(chunk_topic("test", idx["sha256"], 0), data[:idx["chunk_size"]], qos=1,
+                     retain=True).wait_for_publish(5)
+        assert w.wait(lambda r: r.get("pi-t", {}).get("version") == 2, 30), w.reports
+    finally:
+        link.stop()
+        evil.loop_stop()
+        w.stop()
+
+
+def test_broker_restart_mid_transfer(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, device="pi-r")
+    broker.stop()  # retained messages are persisted by mosquitto
+    a, link = start_agent(tmp_path, "pi-r", broker, keyring)
+    try:
+        time.sleep(1.5)
+        broker.start()
+        w = Watcher(broker)
+        assert w.wait(lambda r: r.get("pi-r", {}).get("version") == 1, 60), w.reports
+        w.stop()
+    finally:
+        link.stop()

@@ -339,6 +339,32 @@ def runtimes_list(s: Settings) -> None:
         click.echo(f"{name:<28} {py}")
 
 
+# ---------------------------------------------------------------- fleet
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--device", help="Target one device id.")
+@click.option("--group", help="Target a device group.")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGESHIP_BROKER",
+              help="mqtt[s]://host:port [env EDGESHIP_BROKER].")
+@click.option("--fleet", default="default", show_default=True, help="Fleet name (topic namespace).")
+@click.option("--username", envvar="EDGESHIP_MQTT_USERNAME")
+@click.option("--password", envvar="EDGESHIP_MQTT_PASSWORD")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle for mqtts://.")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Signing key for the desired state.")
+@click.pass_obj
+def publish(s: Settings, bundle: Path, device: str | None, group: str | None, broker: str, fleet: str,
+            username: str | None, password: str | None, ca_file: str | None, key: Path | None) -> None:
+    """Publish BUNDLE as resumable chunks and set the signed desired state of a device or group."""
+    from agent.mqtt import Broker
+    from toolkit.publish import publish as do_publish
+    from toolkit.signing import load_key
+
+    res = do_publish(bundle, Broker.parse(broker, username, password, ca_file), fleet,
+                     load_key(key or s.key_path), device=device, group=group)
+    click.echo(f"published {res['model']} v{res['version']} ({res['chunks']} chunks, sha256 "
+               f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
+
+
 # ---------------------------------------------------------------- demo
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
