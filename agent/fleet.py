@@ -51,8 +51,10 @@ class FleetLink:
         self.client.loop_start()
 
     def stop(self) -> None:
-        self.client.publish(device_topic(self.fleet, self.device, "presence"),
-                            json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
+        info = self.client.publish(device_topic(self.fleet, self.device, "presence"),
+                                   json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
+        if self.client.is_connected():
+            info.wait_for_publish(2.0)
         self.client.disconnect()
         self.client.loop_stop()
         self.q.put(None)

@@ -93,6 +93,19 @@ def test_publish_to_group_installs_on_every_agent(tmp_path, broker, keyring, sig
         publish(fleet_bundles["v2"], Broker.parse(broker.url), "test", signing_key, device="pi-1")
         assert w.wait(lambda r: r.get("pi-1", {}).get("version") == 2), w.reports
         assert agents[0][0].current.manifest.version == 1 and agents[1][0].current.manifest.version == 2
+        from click.testing import CliRunner
+
+        from toolkit.cli import cli
+
+        res = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "fleet", "devices", "--broker", broker.url,
+                                       "--fleet", "test", "--json"])
+        rows = {r["device"]: r for r in json.loads(res.output)}
+        assert rows["pi-1"]["version"] == 2 and rows["pi-0"]["version"] == 1 and rows["pi-2"]["online"]
+        assert rows["pi-0"]["group"] == "kitchen"
+        agents[2][1].stop()  # a clean stop publishes offline (a crash would trigger the last will)
+        res = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "fleet", "devices", "--broker", broker.url,
+                                       "--fleet", "test", "--json"])
+        assert {r["device"]: r for r in json.loads(res.output)}["pi-2"]["online"] is False
     finally:
         for _, link in agents:
             link.stop()

@@ -365,6 +365,31 @@ def publish(s: Settings, bundle: Path, device: str | None, group: str | None, br
                f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
 
 
+@cli.group()
+def fleet() -> None:
+    """Fleet status."""
+
+
+@fleet.command("devices")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGESHIP_BROKER")
+@click.option("--fleet", "fleet_name", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def fleet_devices(broker: str, fleet_name: str, as_json: bool) -> None:
+    """Devices with group, model version, update status, online/offline and last report."""
+    from agent.mqtt import Broker
+    from toolkit.fleet import devices
+
+    rows = devices(Broker.parse(broker), fleet_name)
+    if as_json:
+        return _emit(rows)
+    click.echo(f"{'device':<16} {'group':<12} {'model':<14} {'ver':>4} {'status':<12} {'online':<7} last report")
+    for r in rows:
+        when = time.strftime("%H:%M:%S", time.localtime(r["t"])) if r.get("t") else "-"
+        click.echo(f"{r['device']:<16} {r.get('group') or '-':<12} {r.get('model') or '-':<14} "
+                   f"{r.get('version') or '-':>4} {r.get('status') or '-':<12} "
+                   f"{'yes' if r['online'] else 'no':<7} {when}  {r.get('error') or ''}")
+
+
 # ---------------------------------------------------------------- demo
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
