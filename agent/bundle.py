@@ -25,6 +25,7 @@ from typing import Any, Callable
 from agent.errors import BundleError, SignatureError
 from agent.keys import Keyring
 from agent.manifest import SCHEMA_VERSION, Manifest, _NAME, canonical_json, parse_manifest
+from agent.store import atomic_write
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -56,22 +57,11 @@ def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, by
     entries = [(MANIFEST, body), (SIGNATURE, sig)] + sorted(files.items())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for name, data in entries:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in entries:
+            tar.addfile(_canonical_info(name, len(data)), io.BytesIO(data))
+    atomic_write(path, buf.getvalue())
     return parsed
 
 
@@ -209,12 +199,16 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
     return manifest
 
 
-def _canonical_header(name: str, size: int) -> bytes:
+def _canonical_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return info
+
+
+def _canonical_header(name: str, size: int) -> bytes:
+    return _canonical_info(name, size).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
 def _check_canonical(path: Path, members: list[tarfile.TarInfo]) -> None:
