@@ -78,6 +78,12 @@ def test_latency_budget_gate_and_choice_logic(profile):
     assert fast.passed and dyn.passed
     assert slow.reasons == ["est. device p95 155.0 ms > 150 ms (host 31.00 ms x5)"]
     assert choose([slow, dyn, fast], rpi4) is fast  # fastest measured, not a fixed order
+    for v in (slow, dyn, fast):
+        v.chosen = False
+    slow.passed, slow.latency["p50_ms"] = True, 2.0  # fp32 fastest by a clear margin: it wins
+    assert choose([slow, dyn, fast], rpi4) is slow
+    slow.chosen, slow.latency["p50_ms"] = False, 2.95  # within 5% of int8: a tie, preference (int8) decides
+    assert choose([slow, dyn, fast], rpi4) is fast
     rpi3 = profile("rpi3-armv7")  # objective: size, ties broken by preference order
     a = VariantResult("rpi3-armv7", "fp16", None, size_bytes=10, passed=True, latency={"p50_ms": 1})
     b = VariantResult("rpi3-armv7", "int8", None, size_bytes=10, passed=True, latency={"p50_ms": 2})

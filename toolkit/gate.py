@@ -114,7 +114,10 @@ def choose(results: list[VariantResult], profile: Profile) -> VariantResult | No
     if profile.objective == "size":
         best = min(ok, key=lambda r: (r.size_bytes, rank(r)))
     elif profile.objective == "latency" and all("p50_ms" in r.latency for r in ok):
-        best = min(ok, key=lambda r: (r.latency["p50_ms"], rank(r)))
+        # within 5% of the fastest is a tie (measurement noise): then the profile's preference decides
+        fastest = min(r.latency["p50_ms"] for r in ok)
+        best = min((r for r in ok if r.latency["p50_ms"] <= fastest * 1.05),
+                   key=lambda r: (rank(r), r.latency["p50_ms"]))
     else:
         best = min(ok, key=lambda r: (rank(r), r.size_bytes))
     best.chosen = True
