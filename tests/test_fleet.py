@@ -180,3 +180,23 @@ def test_broker_restart_mid_transfer(tmp_path, broker, keyring, signing_key, fle
         w.stop()
     finally:
         link.stop()
+
+
+def test_embedded_broker_carries_an_update(tmp_path, keyring, signing_key, fleet_bundles):
+    """The zero-set-up broker (amqtt) works with the same agent and publisher code."""
+    from mosquitto import free_port
+    from toolkit.broker import EmbeddedBroker
+
+    eb = EmbeddedBroker(port=free_port()).start()
+    try:
+        a, link = start_agent(tmp_path, "pi-e", eb, keyring)
+        try:
+            publish(fleet_bundles["v1"], Broker.parse(eb.url), "test", signing_key, device="pi-e")
+            end = time.time() + 60
+            while time.time() < end and (a.current is None or a.current.manifest.version != 1):
+                time.sleep(0.1)
+            assert a.current is not None and a.current.manifest.version == 1
+        finally:
+            link.stop()
+    finally:
+        eb.stop()

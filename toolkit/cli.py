@@ -365,6 +365,25 @@ def publish(s: Settings, bundle: Path, device: str | None, group: str | None, br
                f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option("--port", default=1883, show_default=True, type=int)
+def broker(host: str, port: int) -> None:
+    """Run the embedded MQTT broker (zero set-up; use Mosquitto/EMQX/HiveMQ in production)."""
+    import signal
+
+    from toolkit.broker import EmbeddedBroker
+
+    eb = EmbeddedBroker(host, port).start()
+    click.echo(f"embedded broker on {eb.url} (Ctrl-C to stop)")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        eb.stop()
+
+
 @cli.group()
 def fleet() -> None:
     """Fleet status."""
