@@ -122,7 +122,44 @@ class FleetLink:
         self.pending = {"desired": d, "index": None}
         self.status, self.error = "downloading", ""
         self._report()
+        if d.url:
+            self._download_url(d)
+            return
         self.client.subscribe(bundle_index_topic(self.fleet, d.sha256), qos=1)
+
+    def _download_url(self, d: Desired) -> None:
+        """HTTP(S) transfer (object storage / CDN): resumable with Range, verified like MQTT chunks."""
+        import urllib.error
+        import urllib.request
+
+        part = self.dir / f"{d.sha256}.part"
+        have = part.stat().st_size if part.exists() else 0
+        req = urllib.request.Request(d.url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp, open(part, "ab" if have else "wb") as out:
+                if have and resp.status != 206:  # server ignored Range: start over
+                    out.seek(0)
+                    out.truncate()
+                while chunk := resp.read(1 << 16):
+                    out.write(chunk)
+                    if out.tell() > d.size:
+                        raise ProtocolError(f"{d.url}: more than the announced {d.size} bytes")
+        except (urllib.error.URLError, OSError) as exc:
+            self.status, self.error = "failed", f"download from {d.url} failed: {exc}"
+            self.pending = None
+            self._report()
+            return
+        bundle = self.dir / f"{d.sha256}.bundle"
+        h = hashlib.sha256()
+        with open(part, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != d.sha256:
+            part.unlink(missing_ok=True)
+            self.status, self.pending = "failed", None
+            raise ProtocolError(f"{d.url}: downloaded file does not match bundle_sha256")
+        part.rename(bundle)
+        self._install(d, bundle)
 
     def _resubscribe(self) -> None:
         st = self._load()
@@ -189,6 +226,9 @@ class FleetLink:
             shutil.rmtree(folder, ignore_errors=True)
             bundle.unlink(missing_ok=True)
             raise ProtocolError(f"bundle {d.sha256[:12]}: assembled file does not match its hash")
+        self._install(d, bundle)
+
+    def _install(self, d: Desired, bundle: Path) -> None:
         self.status = "installing"
         self._report()
         res = self.agent.install(bundle)
@@ -201,7 +241,7 @@ class FleetLink:
             st["failed_sha256"] = d.sha256
         self._save(st)
         self.pending = None
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.dir / d.sha256, ignore_errors=True)
         bundle.unlink(missing_ok=True)
         self._report()
 

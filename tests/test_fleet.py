@@ -200,3 +200,32 @@ def test_embedded_broker_carries_an_update(tmp_path, keyring, signing_key, fleet
             link.stop()
     finally:
         eb.stop()
+
+
+def test_bundle_from_http_url(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    """The desired state may point at object storage: the agent downloads over HTTP and verifies the hash."""
+    import functools
+    import http.server
+
+    (tmp_path / "www").mkdir()
+    shutil.copy(fleet_bundles["v1"], tmp_path / "www" / "b.bundle")
+    (tmp_path / "www" / "wrong.bundle").write_bytes(fleet_bundles["v2"].read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    w = Watcher(broker)
+    a, link = start_agent(tmp_path, "pi-h", broker, keyring)
+    try:
+        publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, device="pi-h",
+                url=f"{base}/wrong.bundle")  # content does not match the signed hash: refused
+        assert w.wait(lambda r: "does not match bundle_sha256" in r.get("pi-h", {}).get("error", ""), 30), w.reports
+        assert a.current is None
+        publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, device="pi-h",
+                url=f"{base}/b.bundle")
+        assert w.wait(lambda r: r.get("pi-h", {}).get("version") == 1, 30), w.reports
+        assert a.current.manifest.version == 1
+    finally:
+        link.stop()
+        w.stop()
+        srv.shutdown()

@@ -351,16 +351,17 @@ def runtimes_list(s: Settings) -> None:
 @click.option("--password", envvar="EDGESHIP_MQTT_PASSWORD")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle for mqtts://.")
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Signing key for the desired state.")
+@click.option("--url", default="", help="Devices download the bundle from this http(s) URL instead of MQTT chunks.")
 @click.pass_obj
 def publish(s: Settings, bundle: Path, device: str | None, group: str | None, broker: str, fleet: str,
-            username: str | None, password: str | None, ca_file: str | None, key: Path | None) -> None:
+            username: str | None, password: str | None, ca_file: str | None, key: Path | None, url: str) -> None:
     """Publish BUNDLE as resumable chunks and set the signed desired state of a device or group."""
     from agent.mqtt import Broker
     from toolkit.publish import publish as do_publish
     from toolkit.signing import load_key
 
     res = do_publish(bundle, Broker.parse(broker, username, password, ca_file), fleet,
-                     load_key(key or s.key_path), device=device, group=group)
+                     load_key(key or s.key_path), device=device, group=group, url=url)
     click.echo(f"published {res['model']} v{res['version']} ({res['chunks']} chunks, sha256 "
                f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
 

@@ -17,7 +17,8 @@ from toolkit.signing import SigningKey
 
 
 def publish(bundle: Path, broker: Broker, fleet: str, key: SigningKey, device: str | None = None,
-            group: str | None = None, timeout: float = 120) -> dict[str, Any]:
+            group: str | None = None, timeout: float = 120, url: str = "") -> dict[str, Any]:
+    """With ``url`` (the bundle on object storage / a CDN) only the signed desired state goes over MQTT."""
     if bool(device) == bool(group):
         raise ToolkitError("publish needs exactly one of --device or --group")
     doc, _ = inspect_bundle(bundle)
@@ -37,13 +38,14 @@ def publish(bundle: Path, broker: Broker, fleet: str, key: SigningKey, device: s
             raise ToolkitError(f"broker {broker.host}:{broker.port} did not accept the connection")
         infos = []
         cs = idx["chunk_size"]
-        for i in range(len(idx["chunks"])):
+        for i in range(0 if url else len(idx["chunks"])):
             infos.append(client.publish(chunk_topic(fleet, sha, i), data[i * cs:(i + 1) * cs], qos=1, retain=True))
         import json
 
-        infos.append(client.publish(bundle_index_topic(fleet, sha), json.dumps(idx), qos=1, retain=True))
+        if not url:
+            infos.append(client.publish(bundle_index_topic(fleet, sha), json.dumps(idx), qos=1, retain=True))
         target = f"device:{device}" if device else f"group:{group}"
-        desired = desired_doc(doc["name"], doc["version"], sha, len(data), target)
+        desired = desired_doc(doc["name"], doc["version"], sha, len(data), target, url)
         topic = device_topic(fleet, device, "desired") if device else group_topic(fleet, group or "")
         infos.append(client.publish(topic, sign_message(desired, key.key_id, key.sign), qos=1, retain=True))
         for info in infos:
