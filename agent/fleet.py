@@ -116,6 +116,9 @@ class FleetLink:
         st["seq"] = d.seq
         st["desired"] = doc
         self._save(st)
+        if doc.get("rollback_to") is not None:
+            self._rollback(d, int(doc["rollback_to"]))
+            return
         if st.get("installed_sha256") == d.sha256:
             self._report()
             return
@@ -160,6 +163,23 @@ class FleetLink:
             raise ProtocolError(f"{d.url}: downloaded file does not match bundle_sha256")
         part.rename(bundle)
         self._install(d, bundle)
+
+    def _rollback(self, d: Desired, version: int) -> None:
+        """Host-ordered rollback (a halted rollout): switch back to the previous slot."""
+        cur = self.agent.current
+        st = self._load()
+        if cur is None or cur.manifest.version != version:
+            prev = self.agent.engine.manifest_of(self.agent.store.load().get("previous"))
+            if prev is None or prev.version != version:
+                self.status, self.error = "failed", f"cannot roll back to v{version}: not the previous version"
+                self._report()
+                return
+            self.agent.rollback()
+        st["installed_sha256"] = d.sha256
+        st.pop("desired", None)
+        self._save(st)
+        self.pending, self.status, self.error = None, "rolled-back", ""
+        self._report()
 
     def _resubscribe(self) -> None:
         st = self._load()

@@ -229,3 +229,72 @@ def test_bundle_from_http_url(tmp_path, broker, keyring, signing_key, fleet_bund
         link.stop()
         w.stop()
         srv.shutdown()
+
+
+def _rollouts(tmp_path, broker, signing_key):
+    from toolkit.publish import Publisher
+    from toolkit.rollout import Rollouts
+
+    b = Broker.parse(broker.url)
+    return Rollouts(tmp_path / "registry.db", b, "test", lambda: Publisher(b, "test", signing_key), wait=0.5)
+
+
+def test_staged_rollout_canary_then_rest(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    agents = [start_agent(tmp_path, f"g-{i}", broker, keyring, group="line") for i in range(3)]
+    try:
+        publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, group="line")
+        end = time.time() + 30
+        while time.time() < end and not all(a.current and a.current.manifest.version == 1 for a, _ in agents):
+            time.sleep(0.1)
+        ro = _rollouts(tmp_path, broker, signing_key)
+        r = ro.start(fleet_bundles["v2"], "line", canary_pct=30, timeout=60)
+        assert r["state"] == "completed", r
+        assert r["plan"]["waves"] == [["g-0"], ["g-1", "g-2"]]
+        assert all(a.current.manifest.version == 2 for a, _ in agents)
+        # the registry keeps it: a new host process sees the same rollout
+        assert _rollouts(tmp_path, broker, signing_key).get(r["id"])["state"] == "completed"
+        from click.testing import CliRunner
+
+        from toolkit.cli import cli
+
+        res = CliRunner().invoke(cli, ["--home", str(tmp_path), "rollout", "status", str(r["id"]), "--broker",
+                                       broker.url, "--fleet", "test", "--key", str(signing_key.path), "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)[0]["state"] == "completed"
+    finally:
+        for _, link in agents:
+            link.stop()
+
+
+def test_failing_canary_halts_and_rolls_back(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    """Canary wave of two: one installs, one refuses (wrong arch) -> halt; the good canary is rolled back
+    to v1 and the rest of the group never sees v2."""
+    from agent.fleet import FleetLink
+
+    good = [start_agent(tmp_path, n, broker, keyring, group="cell") for n in ("c-a", "c-c")]
+    bad_agent = Agent(tmp_path / "c-b", keyring, "x86_64")  # this device refuses aarch64 bundles
+    bad_agent.start()
+    bad_link = FleetLink(bad_agent, keyring, Broker.parse(broker.url), "test", "c-b", "cell")
+    bad_link.start()
+    try:
+        for a, _ in good:
+            assert a.install(fleet_bundles["v1"]).ok
+        for _, link in good:
+            link._report()
+        time.sleep(0.5)
+        ro = _rollouts(tmp_path, broker, signing_key)
+        r = ro.start(fleet_bundles["v2"], "cell", canary_pct=50, timeout=60)
+        assert r["state"] == "halted" and "c-b" in r["error"] and "built for aarch64" in r["error"], r
+        assert r["plan"]["waves"][0] == ["c-a", "c-b"]
+        assert r["plan"]["results"]["c-a"] == "rolled-back"
+        end = time.time() + 20
+        while time.time() < end and good[0][0].current.manifest.version != 1:
+            time.sleep(0.1)
+        assert good[0][0].current.manifest.version == 1  # canary rolled back
+        assert good[1][0].current.manifest.version == 1  # second wave never started
+        with pytest.raises(Exception, match="only a running rollout"):
+            ro.resume(r["id"])
+    finally:
+        for _, link in good:
+            link.stop()
+        bad_link.stop()

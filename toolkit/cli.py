@@ -385,6 +385,100 @@ def broker(host: str, port: int) -> None:
         eb.stop()
 
 
+def _rollouts(s: Settings, broker: str, fleet_name: str, key: Path | None):
+    from agent.mqtt import Broker
+    from toolkit.publish import Publisher
+    from toolkit.rollout import Rollouts
+    from toolkit.signing import load_key
+
+    b = Broker.parse(broker)
+    signing = load_key(key or s.key_path)
+    s.home.mkdir(parents=True, exist_ok=True)
+    return Rollouts(s.registry_path, b, fleet_name, lambda: Publisher(b, fleet_name, signing), echo=click.echo)
+
+
+_rollout_opts = [
+    click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGESHIP_BROKER"),
+    click.option("--fleet", "fleet_name", default="default", show_default=True),
+    click.option("--key", type=click.Path(dir_okay=False, path_type=Path)),
+]
+
+
+def rollout_options(fn: Any) -> Any:
+    for opt in reversed(_rollout_opts):
+        fn = opt(fn)
+    return fn
+
+
+@cli.group()
+def rollout() -> None:
+    """Staged rollouts to a device group (state kept in the registry)."""
+
+
+def _show(r: dict[str, Any]) -> None:
+    plan = r["plan"]
+    click.echo(f"rollout {r['id']}: {r['model']} v{r['version']} -> group {r['grp']}: {r['state']} "
+               f"(wave {min(plan['wave'] + 1, len(plan['waves']))}/{len(plan['waves'])})"
+               + (f"\n  {r['error']}" if r.get("error") else ""))
+    for dev, res in sorted(plan["results"].items()):
+        click.echo(f"  {dev:<16} {res}")
+
+
+@rollout.command("start")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--group", required=True)
+@click.option("--canary", default="10%", show_default=True, help="Size of the first wave, e.g. 10%.")
+@click.option("--max-failures", default=0, show_default=True, help="Failures tolerated per wave before halting.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds a wave may take.")
+@rollout_options
+@click.pass_obj
+def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failures: int, timeout: float,
+                  broker: str, fleet_name: str, key: Path | None) -> None:
+    """Canary wave, then the rest; halt and roll the wave back when devices fail."""
+    try:
+        pct = float(canary.rstrip("%"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{canary!r} is not a percentage", param_hint="--canary") from exc
+    r = _rollouts(s, broker, fleet_name, key).start(bundle, group, pct, max_failures, timeout)
+    _show(r)
+    if r["state"] != "completed":
+        raise ToolkitError(f"rollout {r['id']} {r['state']}")
+
+
+@rollout.command("status")
+@click.argument("rollout_id", type=int, required=False)
+@rollout_options
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rollout_status(s: Settings, rollout_id: int | None, broker: str, fleet_name: str, key: Path | None,
+                   as_json: bool) -> None:
+    """Show one rollout, or all."""
+    ro = _rollouts(s, broker, fleet_name, key)
+    rows = [ro.get(rollout_id)] if rollout_id else ro.list()
+    if as_json:
+        return _emit(rows)
+    for r in rows:
+        _show(r)
+
+
+@rollout.command("resume")
+@click.argument("rollout_id", type=int)
+@rollout_options
+@click.pass_obj
+def rollout_resume(s: Settings, rollout_id: int, broker: str, fleet_name: str, key: Path | None) -> None:
+    """Continue a running rollout after the host process stopped."""
+    _show(_rollouts(s, broker, fleet_name, key).resume(rollout_id))
+
+
+@rollout.command("abort")
+@click.argument("rollout_id", type=int)
+@rollout_options
+@click.pass_obj
+def rollout_abort(s: Settings, rollout_id: int, broker: str, fleet_name: str, key: Path | None) -> None:
+    """Stop a rollout (devices keep what they installed)."""
+    _show(_rollouts(s, broker, fleet_name, key).abort(rollout_id))
+
+
 @cli.group()
 def fleet() -> None:
     """Fleet status."""

@@ -4,7 +4,9 @@ retained desired state of a device or group."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,44 +18,74 @@ from toolkit.errors import BundleError, ToolkitError
 from toolkit.signing import SigningKey
 
 
+class Publisher:
+    """One connection to the broker for uploading bundles and setting desired states."""
+
+    def __init__(self, broker: Broker, fleet: str, key: SigningKey, timeout: float = 120):
+        self.broker, self.fleet, self.key, self.timeout = broker, fleet, key, timeout
+        self.client = make_client(f"edgeship-publisher-{time.time_ns()}", broker)
+        connected = threading.Event()
+        self.client.on_connect = lambda c, u, f, r, p=None: connected.set()
+        try:
+            self.client.connect(broker.host, broker.port, keepalive=30)
+        except OSError as exc:
+            raise ToolkitError(f"cannot reach broker {broker.host}:{broker.port} ({exc})") from exc
+        self.client.loop_start()
+        if not connected.wait(timeout):
+            self.close()
+            raise ToolkitError(f"broker {broker.host}:{broker.port} did not accept the connection")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _wait(self, infos: list[Any], what: str) -> None:
+        for info in infos:
+            info.wait_for_publish(self.timeout)
+            if not info.is_published():
+                raise BundleError(f"publishing {what} to {self.broker.host} timed out")
+
+    def upload(self, bundle: Path) -> dict[str, Any]:
+        """Retained chunks + index (content-addressed: uploading twice is harmless)."""
+        doc, _ = inspect_bundle(bundle)
+        data = bundle.read_bytes()
+        idx = chunk_index(data)
+        cs, sha = idx["chunk_size"], idx["sha256"]
+        infos = [self.client.publish(chunk_topic(self.fleet, sha, i), data[i * cs:(i + 1) * cs], qos=1, retain=True)
+                 for i in range(len(idx["chunks"]))]
+        infos.append(self.client.publish(bundle_index_topic(self.fleet, sha), json.dumps(idx), qos=1, retain=True))
+        self._wait(infos, bundle.name)
+        return {"sha256": sha, "size": len(data), "chunks": len(idx["chunks"]), "model": doc["name"],
+                "version": doc["version"]}
+
+    def desire(self, model: str, version: int, sha256: str, size: int, device: str | None = None,
+               group: str | None = None, url: str = "", rollback_to: int | None = None) -> str:
+        target = f"device:{device}" if device else f"group:{group}"
+        desired = desired_doc(model, version, sha256, size, target, url)
+        if rollback_to is not None:
+            desired["rollback_to"] = rollback_to
+        topic = device_topic(self.fleet, device, "desired") if device else group_topic(self.fleet, group or "")
+        self._wait([self.client.publish(topic, sign_message(desired, self.key.key_id, self.key.sign), qos=1,
+                                        retain=True)], topic)
+        return topic
+
+
 def publish(bundle: Path, broker: Broker, fleet: str, key: SigningKey, device: str | None = None,
             group: str | None = None, timeout: float = 120, url: str = "") -> dict[str, Any]:
     """With ``url`` (the bundle on object storage / a CDN) only the signed desired state goes over MQTT."""
     if bool(device) == bool(group):
         raise ToolkitError("publish needs exactly one of --device or --group")
-    doc, _ = inspect_bundle(bundle)
-    data = bundle.read_bytes()
-    idx = chunk_index(data)
-    sha = idx["sha256"]
-    client = make_client(f"edgeship-publisher-{hashlib.sha256(str(bundle).encode()).hexdigest()[:8]}", broker)
-    connected = threading.Event()
-    client.on_connect = lambda c, u, f, r, p=None: connected.set()
+    pub = Publisher(broker, fleet, key, timeout)
     try:
-        client.connect(broker.host, broker.port, keepalive=30)
-    except OSError as exc:
-        raise ToolkitError(f"cannot reach broker {broker.host}:{broker.port} ({exc})") from exc
-    client.loop_start()
-    try:
-        if not connected.wait(timeout):
-            raise ToolkitError(f"broker {broker.host}:{broker.port} did not accept the connection")
-        infos = []
-        cs = idx["chunk_size"]
-        for i in range(0 if url else len(idx["chunks"])):
-            infos.append(client.publish(chunk_topic(fleet, sha, i), data[i * cs:(i + 1) * cs], qos=1, retain=True))
-        import json
-
-        if not url:
-            infos.append(client.publish(bundle_index_topic(fleet, sha), json.dumps(idx), qos=1, retain=True))
-        target = f"device:{device}" if device else f"group:{group}"
-        desired = desired_doc(doc["name"], doc["version"], sha, len(data), target, url)
-        topic = device_topic(fleet, device, "desired") if device else group_topic(fleet, group or "")
-        infos.append(client.publish(topic, sign_message(desired, key.key_id, key.sign), qos=1, retain=True))
-        for info in infos:
-            info.wait_for_publish(timeout)
-            if not info.is_published():
-                raise BundleError(f"publishing {bundle.name} to {broker.host} timed out")
+        if url:
+            doc, _ = inspect_bundle(bundle)
+            data = bundle.read_bytes()
+            info = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "chunks": 0,
+                    "model": doc["name"], "version": doc["version"]}
+        else:
+            info = pub.upload(bundle)
+        topic = pub.desire(info["model"], info["version"], info["sha256"], info["size"], device, group, url)
     finally:
-        client.disconnect()
-        client.loop_stop()
-    return {"bundle": str(bundle), "sha256": sha, "chunks": len(idx["chunks"]), "target": target,
-            "topic": topic, "model": doc["name"], "version": doc["version"]}
+        pub.close()
+    return {**info, "bundle": str(bundle), "target": f"device:{device}" if device else f"group:{group}",
+            "topic": topic}
