@@ -25,7 +25,7 @@ from typing import Any, Callable
 from agent.errors import BundleError, SignatureError
 from agent.keys import Keyring
 from agent.manifest import SCHEMA_VERSION, Manifest, _NAME, canonical_json, parse_manifest
-from agent.store import atomic_write
+from agent.store import atomic_write, fsync_dir
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -100,7 +100,7 @@ def extract_bundle(path: str | Path, keyring: Keyring, dest: str | Path,
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,11 +234,3 @@ def _check_canonical(path: Path, members: list[tarfile.TarInfo]) -> None:
         tail = fh.read()
         if len(tail) != end - pos or tail.count(0) != len(tail):
             raise BundleError(f"{path}: trailing bytes after the archive do not match (altered bundle)")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

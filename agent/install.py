@@ -26,7 +26,7 @@ from agent.errors import AgentError, CompatibilityError, RuntimeMissingError
 from agent.golden import replay
 from agent.keys import Keyring
 from agent.manifest import Manifest, parse_manifest
-from agent.runtime import load_model, tflite_interpreter_class
+from agent.runtime import Model, load_model, tflite_interpreter_class
 from agent.store import Store
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,15 @@ class Device:
 
 
 class Engine:
-    """Runs one update at a time. ``on_commit(slot)`` is called after the active slot switched."""
+    """Runs one update at a time. ``on_commit(slot, model)`` is called after the active slot switched;
+    ``model`` is the instance VerifyModel already loaded and checked (None when there is none)."""
 
     def __init__(self, store: Store, keyring: Keyring, device: Device,
-                 on_commit: Callable[[str], None] = lambda slot: None,
+                 on_commit: Callable[[str, Model | None], None] = lambda slot, model: None,
                  faults: dict[str, str] | None = None, limits: Limits = Limits()):
         self.store, self.keyring, self.device, self.limits = store, keyring, device, limits
         self.on_commit, self.faults = on_commit, faults or {}
+        self._verified: tuple[str, Model] | None = None  # reused by Commit: the model is loaded once
 
     # ------------------------------------------------------------ public
     def install(self, bundle: Path, allow_downgrade: bool = False) -> Result:
@@ -143,7 +145,7 @@ class Engine:
         doc["active"], doc["previous"] = prev, doc.get("active")
         doc["events"].append({"t": time.time(), "event": "rollback", "active": prev})
         self.store.save(doc)
-        self.on_commit(prev)
+        self.on_commit(prev, None)
         return prev
 
     def manifest_of(self, slot: str | None) -> Manifest | None:
@@ -203,9 +205,10 @@ class Engine:
         if m.arch != self.device.arch:
             raise CompatibilityError(f"{m.id} is built for {m.arch}; this device is {self.device.arch}")
         _runtime_available(m)
-        current = self.manifest_of(self.store.load().get("active"))
+        active = self.store.load().get("active")
+        current = self.manifest_of(active)
         if current is not None and current.name == m.name:
-            if upd["slot"] == self.store.load().get("active"):
+            if upd["slot"] == active:
                 return Ev.NOTHING_TO_DO
             if m.version < current.version and not upd["allow_downgrade"]:
                 raise CompatibilityError(f"{m.id} is older than the installed {current.id} "
@@ -217,7 +220,8 @@ class Engine:
 
     def _stage(self, upd: dict) -> Ev:
         dest = self.store.slot(upd["slot"])
-        if upd["slot"] in (self.store.load().get("active"), self.store.load().get("previous")):
+        doc = self.store.load()
+        if upd["slot"] in (doc.get("active"), doc.get("previous")):
             return Ev.SUCCESS  # re-installing the previous slot: already on disk and verified
         shutil.rmtree(dest, ignore_errors=True)
         extract_bundle(Path(upd["bundle"]), self.keyring, dest, self.limits)
@@ -228,6 +232,7 @@ class Engine:
         m = parse_manifest((folder / "manifest.json").read_bytes())
         model = load_model(folder / m.model_file, threads=self.device.threads or m.threads)
         replay(model, m, folder)
+        self._verified = (upd["slot"], model)
         return Ev.SUCCESS
 
     def _commit(self, upd: dict) -> Ev:
@@ -239,15 +244,17 @@ class Engine:
         upd["state"] = St.CLEANUP.value
         doc["update"] = upd
         self.store.save(doc)  # the switch and the next state, in one atomic write
-        self.on_commit(upd["slot"])
+        verified, self._verified = self._verified, None
+        self.on_commit(upd["slot"], verified[1] if verified and verified[0] == upd["slot"] else None)
         return Ev.SUCCESS
 
     def _rollback(self, upd: dict) -> Ev:
+        self._verified = None
         doc = self.store.load()
         if upd.get("slot") and doc.get("active") == upd["slot"] and upd.get("from") != upd["slot"]:
             doc["active"], doc["previous"] = upd.get("from"), None
             self.store.save(doc)
-            self.on_commit(doc["active"])
+            self.on_commit(doc["active"], None)
         keep = {doc.get("active"), doc.get("previous")}
         if upd.get("slot") and upd["slot"] not in keep:
             shutil.rmtree(self.store.slot(upd["slot"]), ignore_errors=True)

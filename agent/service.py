@@ -135,12 +135,14 @@ class Agent:
                 "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
                 "update": doc.get("update"), "last_update": doc.get("last_update")}
 
-    def _swap(self, slot: str | None) -> None:
+    def _swap(self, slot: str | None, model: Model | None = None) -> None:
+        """Point new requests at ``slot``; ``model`` is reused when the engine already loaded it."""
         if not slot:
             self._current = None
             return
         folder = self.store.slot(slot)
         m = parse_manifest((folder / "manifest.json").read_bytes())
-        model = load_model(folder / m.model_file, threads=self.threads or m.threads)
+        if model is None:
+            model = load_model(folder / m.model_file, threads=self.threads or m.threads)
         self._current = Loaded(slot, m, model)
         log.info("serving %s (%s) from slot %s", m.id, m.precision, slot)

@@ -279,3 +279,17 @@ os.write(1, (json.dumps(sorted({{m.split(".")[0] for m in sys.modules}})) + "\\n
     mods = set(json.loads(run_py(code, EDGESHIP_AGENT_ARCH="aarch64").strip().splitlines()[-1]))
     assert "ai_edge_litert" in mods
     assert not mods & {"tensorflow", "tf_keras", "tf2onnx", "toolkit", "keras", "onnx"}
+
+
+def test_commit_reuses_the_model_verify_loaded(tmp_path, keyring, bundles, monkeypatch):
+    """The model is loaded once per update: the hot swap takes the instance VerifyModel checked."""
+    import agent.service
+
+    a = make_agent(tmp_path, keyring)
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("model loaded a second time on commit")
+
+    monkeypatch.setattr(agent.service, "load_model", no_second_load)
+    assert a.install(bundles["v1"]).ok
+    assert a.current.manifest.version == 1 and a.predict(X)["probs"].shape == (3, 10)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from agent.manifest import FORMATS
+from agent.store import atomic_write
 from toolkit import edgetpu, selective
 from toolkit.data import Dataset, load_dataset
 from toolkit.errors import ConversionError, InputError, ValidationError
@@ -248,30 +249,28 @@ class _Ctx:
             v.reasons.append("selective quantization is implemented for TFLite profiles")
             return v
 
+        trials: list[VariantResult] = []
+
         def accept(model: bytes) -> bool:
             assert v.file is not None
             v.file.write_bytes(model)
-            trial = VariantResult(p.name, v.precision, v.file)
-            return self._evaluate(trial).passed
+            trials.append(self._evaluate(VariantResult(p.name, v.precision, v.file)))
+            return trials[-1].passed
 
         found = selective.repair(self.source, self.calib.inputs, accept, keras_model=self.keras_model)
         if found is None:
             v.reasons.append("selective quantization could not recover accuracy with up to half the "
                              "ops in float")
             return v
-        model, layers = found
-        v.file.write_bytes(model)
-        v.float_layers = [e.tensor for e in layers]
-        self._evaluate(v)
+        v = trials[-1]  # the accepted candidate, already measured; its file is the last one written
+        v.float_layers = [e.tensor for e in found[1]]
         base = int8.size_bytes or 1
-        v.notes.append(f"kept {len(layers)} op(s) in float: {', '.join(v.float_layers)}; size "
+        v.notes.append(f"kept {len(v.float_layers)} op(s) in float: {', '.join(v.float_layers)}; size "
                        f"{v.size_bytes / base:.2f}x of plain int8; float I/O")
         return v
 
 
 def write_summary(result: BuildResult, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str).encode())
 
 

@@ -35,12 +35,15 @@ def compare(outputs: list[np.ndarray], reference: list[np.ndarray],
     m["finite"] = finite
     errs, snrs = [], []
     for o, r in zip(outputs, reference):
+        if not finite:
+            errs.append(float("inf"))
+            snrs.append(-99.0)
+            continue
         o = o.reshape(r.shape).astype(np.float64)
         r = r.astype(np.float64)
-        errs.append(float(np.max(np.abs(o - r))) if finite else float("inf"))
-        noise = float(np.mean((o - r) ** 2)) if finite else float("inf")
-        signal = float(np.mean(r ** 2))
-        snrs.append(99.0 if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise) if finite else -99.0)
+        errs.append(float(np.max(np.abs(o - r))))
+        noise, signal = float(np.mean((o - r) ** 2)), float(np.mean(r ** 2))
+        snrs.append(99.0 if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise)))
     m["max_abs_error"] = max(errs)
     m["snr_db"] = float(min(snrs))
     out, ref = outputs[0], reference[0]

@@ -8,6 +8,8 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.store import atomic_write
+
 if TYPE_CHECKING:
     from toolkit.build import BuildResult
 
@@ -75,6 +77,4 @@ def write_report(result: "BuildResult", path: Path) -> None:
         if p.bundle:
             parts.append(f"<p>bundle: <code>{e(str(p.bundle))}</code> sha256 <code>{p.bundle_sha256}</code></p>")
     parts.append(_plots(result))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(parts).encode("utf-8"))

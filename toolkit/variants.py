@@ -21,7 +21,6 @@ class Candidate:
     data: bytes | None
     error: str = ""
     notes: list[str] = field(default_factory=list)
-    float_layers: list[str] = field(default_factory=list)
 
 
 class VariantFactory:
@@ -56,7 +55,7 @@ class VariantFactory:
             except ConversionError as exc:
                 self._cache[key] = Candidate(precision, None, error=str(exc))
         c = self._cache[key]
-        return Candidate(c.precision, c.data, c.error, list(c.notes), list(c.float_layers))
+        return Candidate(c.precision, c.data, c.error, list(c.notes))
 
     def _tflite(self, precision: str, int8_io: str) -> bytes:
         if precision == "int8-qat":
