@@ -90,15 +90,19 @@ class _JSONFormatter:
 
 
 def _agent(state_dir: Path, keyring: Path, arch: str | None, threads: int | None):
-    import os
     import platform
 
     from agent.keys import Keyring
     from agent.service import Agent
 
-    # Test hook: EDGESHIP_AGENT_FAULTS="Commit=crash,VerifyModel=error" (read here, at the entry point).
-    faults = dict(f.split("=", 1) for f in os.environ.get("EDGESHIP_AGENT_FAULTS", "").split(",") if "=" in f)
-    return Agent(state_dir, Keyring.load(keyring), arch or platform.machine(), threads, faults=faults)
+    return Agent(state_dir, Keyring.load(keyring), arch or platform.machine(), threads, faults=_faults())
+
+
+def _faults() -> dict[str, str]:
+    """Test hook: EDGESHIP_AGENT_FAULTS="Commit=crash,VerifyModel=error" (read here, at the entry point)."""
+    import os
+
+    return dict(f.split("=", 1) for f in os.environ.get("EDGESHIP_AGENT_FAULTS", "").split(",") if "=" in f)
 
 
 _state_opts = [
@@ -182,7 +186,7 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     cfg = load_config(config_path, {"state_dir": state_dir, "keyring": keyring, "http_host": http_host,
                                     "http_port": http_port})
-    agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads)
+    agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=_faults())
     agent.start()
     server = make_server(agent, cfg.http_host, cfg.http_port, cfg.max_body_bytes)
     host, port = server.server_address[:2]

@@ -18,8 +18,9 @@ from typing import Any
 
 from agent.keys import Keyring
 from agent.mqtt import Broker, make_client
-from agent.protocol import (Desired, ProtocolError, bundle_index_topic, chunk_topic, device_topic,
-                            group_topic, parse_message)
+from agent import delta
+from agent.protocol import (Desired, ProtocolError, bundle_topic, delta_topic, device_topic, group_topic,
+                            parse_message)
 from agent.service import Agent
 from agent.store import atomic_write
 
@@ -39,8 +40,10 @@ class FleetLink:
         self.client.will_set(device_topic(fleet, device_id, "presence"),
                              json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda c, u, msg: self.q.put((msg.topic, msg.payload))
-        self.pending: dict[str, Any] | None = None  # {"desired": ..., "index": ...}
+        self.client.on_message = self._on_message
+        self.pending: dict[str, Any] | None = None  # the transfer in progress (see _begin)
+        self.rx_bytes = 0  # bundle bytes received for the current transfer (chunks + indexes)
+        self.transfer: dict[str, Any] = {}
         self.status, self.error = "idle", ""
         self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
 
@@ -58,6 +61,11 @@ class FleetLink:
         self.client.disconnect()
         self.client.loop_stop()
         self.q.put(None)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if "/bundle/" in msg.topic:
+            self.rx_bytes += len(msg.payload)
+        self.q.put((msg.topic, msg.payload))
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
         if getattr(reason, "is_failure", False):
@@ -122,13 +130,13 @@ class FleetLink:
         if st.get("installed_sha256") == d.sha256:
             self._report()
             return
-        self.pending = {"desired": d, "index": None}
+        self._begin(d)
         self.status, self.error = "downloading", ""
         self._report()
         if d.url:
             self._download_url(d)
             return
-        self.client.subscribe(bundle_index_topic(self.fleet, d.sha256), qos=1)
+        self.client.subscribe(f"{self.pending['prefix']}/index", qos=1)
 
     def _download_url(self, d: Desired) -> None:
         """HTTP(S) transfer (object storage / CDN): resumable with Range, verified like MQTT chunks."""
@@ -162,6 +170,7 @@ class FleetLink:
             self.status, self.pending = "failed", None
             raise ProtocolError(f"{d.url}: downloaded file does not match bundle_sha256")
         part.rename(bundle)
+        self.transfer = {"mode": "url", "bytes": d.size, "bundle_bytes": d.size}
         self._install(d, bundle)
 
     def _rollback(self, d: Desired, version: int) -> None:
@@ -185,27 +194,62 @@ class FleetLink:
         st = self._load()
         doc = st.get("desired")
         if doc and st.get("installed_sha256") != doc.get("bundle_sha256") and self.pending is None:
-            self.pending = {"desired": Desired.from_doc(doc, "fleet.json"), "index": None}
+            self._begin(Desired.from_doc(doc, "fleet.json"))
         if self.pending:
-            self.client.subscribe(bundle_index_topic(self.fleet, self.pending["desired"].sha256), qos=1)
+            self.client.subscribe(f"{self.pending['prefix']}/index", qos=1)
+
+    def _begin(self, d: Desired) -> None:
+        self.pending = {"desired": d, "index": None, "base": None, "no_delta": False,
+                        "prefix": bundle_topic(self.fleet, d.sha256)}
+        self.rx_bytes = 0
+
+    def _delta_base(self, idx: dict[str, Any]) -> str | None:
+        """The sha256 of our model file when the index offers a patch against it (and we can apply one)."""
+        cur = self.agent.current
+        if cur is None or self.pending is None or self.pending["no_delta"] or not delta.available():
+            return None
+        sha = cur.manifest.file(cur.manifest.model_file).sha256
+        offered = idx.get("deltas")
+        return sha if isinstance(offered, list) and sha in offered else None
 
     def _on_index(self, topic: str, payload: bytes) -> None:
         p = self.pending
-        if not p or not payload:
+        if not p or not payload or topic != f"{p['prefix']}/index":
             return
         idx = parse_message(payload, topic, None, expect_type="index")
         d: Desired = p["desired"]
-        if idx.get("sha256") != d.sha256 or idx.get("size") != d.size:
+        if p["base"]:
+            meta = idx.get("delta")
+            if (not isinstance(meta, dict) or meta.get("target_sha256") != d.sha256
+                    or meta.get("target_size") != d.size or meta.get("base_sha256") != p["base"]
+                    or meta.get("codec") != delta.CODEC):
+                raise ProtocolError(f"{topic}: delta index does not match the desired bundle")
+        elif idx.get("sha256") != d.sha256 or idx.get("size") != d.size:
             raise ProtocolError(f"{topic}: index does not match the desired bundle")
-        p["index"] = idx
+        chunks, size, cs = idx.get("chunks"), idx.get("size"), idx.get("chunk_size")
+        if (not isinstance(chunks, list) or not isinstance(size, int) or not isinstance(cs, int) or cs <= 0
+                or len(chunks) != -(-size // cs) or not all(isinstance(c, str) for c in chunks)):
+            raise ProtocolError(f"{topic}: malformed chunk list")
         self.client.unsubscribe(topic)
-        folder = self.dir / d.sha256
+        if not p["base"] and (base := self._delta_base(idx)):
+            p["base"], p["prefix"] = base, delta_topic(self.fleet, d.sha256, base)
+            log.info("bundle %s: fetching a delta against model %s", d.sha256[:12], base[:12])
+            self.client.subscribe(f"{p['prefix']}/index", qos=1)
+            return
+        p["index"] = idx
+        folder = self._folder()
         folder.mkdir(exist_ok=True)
-        missing = [i for i, h in enumerate(idx["chunks"]) if not self._have(folder, i, h)]
+        missing = [i for i, h in enumerate(chunks) if not self._have(folder, i, h)]
         if not missing:
             self._assemble()
             return
-        self.client.subscribe([(chunk_topic(self.fleet, d.sha256, i), 1) for i in missing])
+        self.client.subscribe([(f"{p['prefix']}/chunk/{i}", 1) for i in missing])
+
+    def _folder(self) -> Path:
+        p = self.pending
+        assert p is not None
+        sha = p["desired"].sha256
+        return self.dir / (f"{sha}.delta-{p['base']}" if p["base"] else sha)
 
     @staticmethod
     def _have(folder: Path, i: int, sha: str) -> bool:
@@ -214,17 +258,14 @@ class FleetLink:
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         p = self.pending
-        if not p or not p.get("index"):
-            return
-        d: Desired = p["desired"]
-        if f"/bundle/{d.sha256}/chunk/" not in topic:
-            return
+        if not p or not p.get("index") or not topic.startswith(f"{p['prefix']}/chunk/"):
+            return  # late duplicate, or a chunk of another transfer
         i = int(topic.rsplit("/", 1)[1])
         chunks = p["index"]["chunks"]
         if not 0 <= i < len(chunks) or hashlib.sha256(payload).hexdigest() != chunks[i]:
             log.warning("%s: chunk hash mismatch, waiting for a good copy", topic)
             return
-        folder = self.dir / d.sha256
+        folder = self._folder()
         atomic_write(folder / f"{i}.chunk", payload)
         self.client.unsubscribe(topic)
         if all((folder / f"{k}.chunk").is_file() for k in range(len(chunks))):
@@ -234,18 +275,30 @@ class FleetLink:
         p = self.pending
         assert p is not None
         d: Desired = p["desired"]
-        folder = self.dir / d.sha256
-        bundle = self.dir / f"{d.sha256}.bundle"
-        h = hashlib.sha256()
-        with open(bundle, "wb") as out:
-            for k in range(len(p["index"]["chunks"])):
-                data = (folder / f"{k}.chunk").read_bytes()
-                h.update(data)
-                out.write(data)
-        if h.hexdigest() != d.sha256:
+        idx, folder = p["index"], self._folder()
+        data = b"".join((folder / f"{k}.chunk").read_bytes() for k in range(len(idx["chunks"])))
+        if hashlib.sha256(data).hexdigest() != idx["sha256"]:
             shutil.rmtree(folder, ignore_errors=True)
-            bundle.unlink(missing_ok=True)
             raise ProtocolError(f"bundle {d.sha256[:12]}: assembled file does not match its hash")
+        mode = "full"
+        if p["base"]:
+            cur = self.agent.current
+            try:
+                if cur is None or cur.manifest.file(cur.manifest.model_file).sha256 != p["base"]:
+                    raise delta.DeltaError("the model the patch is based on is no longer active")
+                base = (self.agent.store.slot(cur.slot) / cur.manifest.model_file).read_bytes()
+                meta = idx["delta"]
+                data = delta.apply_patch(base, data, d.sha256, d.size, int(meta.get("window_log", 0)))
+                mode = "delta"
+            except (delta.DeltaError, OSError, ValueError) as exc:
+                log.warning("bundle %s: %s; falling back to the full bundle", d.sha256[:12], exc)
+                shutil.rmtree(folder, ignore_errors=True)
+                p.update(base=None, index=None, no_delta=True, prefix=bundle_topic(self.fleet, d.sha256))
+                self.client.subscribe(f"{p['prefix']}/index", qos=1)
+                return
+        bundle = self.dir / f"{d.sha256}.bundle"
+        atomic_write(bundle, data)
+        self.transfer = {"mode": mode, "bytes": self.rx_bytes, "bundle_bytes": d.size}
         self._install(d, bundle)
 
     def _install(self, d: Desired, bundle: Path) -> None:
@@ -261,7 +314,8 @@ class FleetLink:
             st["failed_sha256"] = d.sha256
         self._save(st)
         self.pending = None
-        shutil.rmtree(self.dir / d.sha256, ignore_errors=True)
+        for f in self.dir.glob(f"{d.sha256}*"):
+            shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
         bundle.unlink(missing_ok=True)
         self._report()
 
@@ -270,5 +324,6 @@ class FleetLink:
         doc = {"v": 1, "type": "reported", "device": self.device, "group": self.group,
                "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
                "installed_sha256": self._load().get("installed_sha256"), "status": self.status,
-               "error": error or self.error, "t": time.time()}
+               "error": error or self.error, "transfer": self.transfer, "delta": delta.available(),
+               "t": time.time()}
         self.client.publish(device_topic(self.fleet, self.device, "reported"), json.dumps(doc), qos=1, retain=True)

@@ -35,18 +35,20 @@ def group_topic(fleet: str, group: str) -> str:
     return f"{PREFIX}/{fleet}/group/{group}/desired"
 
 
-def bundle_index_topic(fleet: str, sha256: str) -> str:
-    return f"{PREFIX}/{fleet}/bundle/{sha256}/index"
+def bundle_topic(fleet: str, sha256: str) -> str:
+    """Prefix of a bundle's transfer topics: ``.../index`` and ``.../chunk/{i}``."""
+    return f"{PREFIX}/{fleet}/bundle/{sha256}"
 
 
-def chunk_topic(fleet: str, sha256: str, i: int) -> str:
-    return f"{PREFIX}/{fleet}/bundle/{sha256}/chunk/{i}"
+def delta_topic(fleet: str, sha256: str, base_sha256: str) -> str:
+    """Prefix of a delta's index and chunks: the bundle ``sha256`` as a patch against a model file."""
+    return f"{PREFIX}/{fleet}/bundle/{sha256}/delta/{base_sha256}"
 
 
-def chunk_index(data: bytes, chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
+def chunk_index(data: bytes, chunk_size: int = CHUNK_SIZE, **extra: Any) -> dict[str, Any]:
     chunks = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)]
     return {"v": VERSION, "type": "index", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-            "chunk_size": chunk_size, "chunks": [hashlib.sha256(c).hexdigest() for c in chunks]}
+            "chunk_size": chunk_size, "chunks": [hashlib.sha256(c).hexdigest() for c in chunks], **extra}
 
 
 def sign_message(doc: dict[str, Any], key_id: str, sign: Callable[[bytes], bytes]) -> bytes:

@@ -109,3 +109,28 @@ def tflite_runtime_python(profile):
         return str(install(profile("rpi3-armv7"), cache / "runtimes" / "tflite-runtime-2.14.0"))
     except ToolkitError as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"tflite-runtime 2.14 environment unavailable: {exc}")
+
+
+@pytest.fixture()
+def broker():
+    """A real Mosquitto on a free port (not under tmp_path: pytest's folders are 0700 and mosquitto,
+    dropping root, must write its persistence db)."""
+    import shutil
+    import tempfile
+
+    from mosquitto import Mosquitto
+
+    folder = Path(tempfile.mkdtemp(prefix="edgeship-mosq-"))
+    m = Mosquitto(folder).start()
+    yield m
+    m.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fleet_bundles(digits_build, signing_key, tmp_path_factory):
+    from test_install import rebundle
+
+    d = tmp_path_factory.mktemp("fb")
+    v1 = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    return {"v1": v1, "v2": rebundle(v1, d / "v2.bundle", signing_key, version=2)}

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 
-import numpy as np
 import pytest
 
 from agent.bundle import extract_bundle, verify_bundle
 from agent.golden import replay
 from agent.runtime import load_model
-from toolkit.build import BuildFailed, build
+from toolkit.build import build
 
 
 def _variant(result, profile, precision):

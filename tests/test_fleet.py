@@ -10,74 +10,12 @@ import time
 import pytest
 
 from agent.mqtt import Broker, make_client
-from agent.protocol import device_topic, group_topic
+from agent.protocol import device_topic
 from agent.service import Agent
-from mosquitto import Mosquitto
-from test_install import rebundle
+from fleethelp import Watcher, needs_mosquitto, start_agent
 from toolkit.publish import publish
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not __import__("os").path.exists(
-    "/usr/sbin/mosquitto"), reason="mosquitto not installed (apt-get install mosquitto)")
-
-
-@pytest.fixture()
-def broker():
-    import tempfile
-    from pathlib import Path
-
-    # Not under tmp_path: pytest's folders are 0700 and mosquitto (dropping root) must write its db.
-    folder = Path(tempfile.mkdtemp(prefix="edgeship-mosq-"))
-    m = Mosquitto(folder).start()
-    yield m
-    m.stop()
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def fleet_bundles(digits_build, signing_key, tmp_path_factory):
-    d = tmp_path_factory.mktemp("fb")
-    v1 = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
-    return {"v1": v1, "v2": rebundle(v1, d / "v2.bundle", signing_key, version=2)}
-
-
-def start_agent(tmp_path, name, broker, keyring, group=""):
-    from agent.fleet import FleetLink
-
-    a = Agent(tmp_path / name, keyring, "aarch64")
-    a.start()
-    link = FleetLink(a, keyring, Broker.parse(broker.url), "test", name, group)
-    link.start()
-    return a, link
-
-
-class Watcher:
-    """Collects retained reported states."""
-
-    def __init__(self, broker):
-        self.reports: dict[str, dict] = {}
-        self.raw: list[tuple[str, bytes]] = []
-        self.c = make_client("watcher", Broker.parse(broker.url))
-        self.c.on_message = self._msg
-        self.c.connect("127.0.0.1", broker.port)
-        self.c.subscribe("edgeship/v1/test/device/+/reported", qos=1)
-        self.c.loop_start()
-
-    def _msg(self, c, u, m):
-        if m.payload:
-            d = json.loads(m.payload)
-            self.reports[d["device"]] = d
-
-    def wait(self, pred, timeout=60):
-        end = time.time() + timeout
-        while time.time() < end:
-            if pred(self.reports):
-                return True
-            time.sleep(0.1)
-        return False
-
-    def stop(self):
-        self.c.disconnect()
-        self.c.loop_stop()
+pytestmark = needs_mosquitto
 
 
 def test_publish_to_group_installs_on_every_agent(tmp_path, broker, keyring, signing_key, fleet_bundles):
@@ -140,7 +78,7 @@ def test_offline_device_converges_and_bad_messages_are_ignored(tmp_path, broker,
 def test_tampered_chunk_is_ignored_and_transfer_resumes(tmp_path, broker, keyring, signing_key, fleet_bundles):
     """A corrupted retained chunk is refused; after the publisher repairs it, the agent finishes
     without re-downloading the chunks it already had (resume), and after an agent restart too."""
-    from agent.protocol import chunk_index, chunk_topic
+    from agent.protocol import bundle_topic, chunk_index
 
     data = fleet_bundles["v2"].read_bytes()
     idx = chunk_index(data)
@@ -148,7 +86,7 @@ def test_tampered_chunk_is_ignored_and_transfer_resumes(tmp_path, broker, keyrin
     evil = make_client("evil2", Broker.parse(broker.url))
     evil.connect("127.0.0.1", broker.port)
     evil.loop_start()
-    evil.publish(chunk_topic("test", idx["sha256"], 0), b"tampered", qos=1, retain=True).wait_for_publish(5)
+    evil.publish(bundle_topic("test", idx["sha256"]) + "/chunk/0", b"tampered", qos=1, retain=True).wait_for_publish(5)
     w = Watcher(broker)
     a, link = start_agent(tmp_path, "pi-t", broker, keyring)
     try:
@@ -159,7 +97,7 @@ def test_tampered_chunk_is_ignored_and_transfer_resumes(tmp_path, broker, keyrin
         assert "0.chunk" not in have and len(have) == len(idx["chunks"]) - 1
         link.stop()  # agent restart mid-transfer
         a, link = start_agent(tmp_path, "pi-t", broker, keyring)
-        evil.publish(chunk_topic("test", idx["sha256"], 0), data[:idx["chunk_size"]], qos=1,
+        evil.publish(bundle_topic("test", idx["sha256"]) + "/chunk/0", data[:idx["chunk_size"]], qos=1,
                      retain=True).wait_for_publish(5)
         assert w.wait(lambda r: r.get("pi-t", {}).get("version") == 2, 30), w.reports
     finally:

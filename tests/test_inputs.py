@@ -126,7 +126,6 @@ def test_onnx_constant_node_weights_are_quantized(tmp_path, digits):
 
 
 def test_onnx_nothing_to_quantize_is_refused(tmp_path):
-    import onnx
     from onnx import TensorProto, helper
 
     from toolkit.convert_onnx import quantize

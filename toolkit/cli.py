@@ -352,18 +352,23 @@ def runtimes_list(s: Settings) -> None:
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle for mqtts://.")
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Signing key for the desired state.")
 @click.option("--url", default="", help="Devices download the bundle from this http(s) URL instead of MQTT chunks.")
+@click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A bundle devices may be running: also publish a (smaller) patch against its model. Repeatable.")
 @click.pass_obj
 def publish(s: Settings, bundle: Path, device: str | None, group: str | None, broker: str, fleet: str,
-            username: str | None, password: str | None, ca_file: str | None, key: Path | None, url: str) -> None:
+            username: str | None, password: str | None, ca_file: str | None, key: Path | None, url: str,
+            delta_from: tuple[Path, ...]) -> None:
     """Publish BUNDLE as resumable chunks and set the signed desired state of a device or group."""
     from agent.mqtt import Broker
     from toolkit.publish import publish as do_publish
     from toolkit.signing import load_key
 
     res = do_publish(bundle, Broker.parse(broker, username, password, ca_file), fleet,
-                     load_key(key or s.key_path), device=device, group=group, url=url)
+                     load_key(key or s.key_path), device=device, group=group, url=url, delta_from=list(delta_from))
     click.echo(f"published {res['model']} v{res['version']} ({res['chunks']} chunks, sha256 "
                f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
+    for base, size in res.get("deltas", {}).items():
+        click.echo(f"  delta against model {base[:12]}…: {size} bytes ({size / res['size']:.1%} of the bundle)")
 
 
 @cli.command()

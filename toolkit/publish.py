@@ -12,8 +12,8 @@ from typing import Any
 
 from agent.bundle import inspect_bundle
 from agent.mqtt import Broker, make_client
-from agent.protocol import (bundle_index_topic, chunk_index, chunk_topic, desired_doc, device_topic,
-                            group_topic, sign_message)
+from agent import delta
+from agent.protocol import bundle_topic, chunk_index, delta_topic, desired_doc, device_topic, group_topic, sign_message
 from toolkit.errors import BundleError, ToolkitError
 from toolkit.signing import SigningKey
 
@@ -45,18 +45,35 @@ class Publisher:
             if not info.is_published():
                 raise BundleError(f"publishing {what} to {self.broker.host} timed out")
 
-    def upload(self, bundle: Path) -> dict[str, Any]:
-        """Retained chunks + index (content-addressed: uploading twice is harmless)."""
+    def _put(self, prefix: str, data: bytes, idx: dict[str, Any]) -> list[Any]:
+        cs = idx["chunk_size"]
+        infos = [self.client.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1, retain=True)
+                 for i in range(len(idx["chunks"]))]
+        infos.append(self.client.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True))
+        return infos
+
+    def upload(self, bundle: Path, bases: list[Path] = ()) -> dict[str, Any]:
+        """Retained chunks + index (content-addressed: uploading twice is harmless), plus a delta
+        against the model of each bundle in ``bases`` that is smaller than the full bundle."""
         doc, _ = inspect_bundle(bundle)
         data = bundle.read_bytes()
-        idx = chunk_index(data)
-        cs, sha = idx["chunk_size"], idx["sha256"]
-        infos = [self.client.publish(chunk_topic(self.fleet, sha, i), data[i * cs:(i + 1) * cs], qos=1, retain=True)
-                 for i in range(len(idx["chunks"]))]
-        infos.append(self.client.publish(bundle_index_topic(self.fleet, sha), json.dumps(idx), qos=1, retain=True))
+        sha = hashlib.sha256(data).hexdigest()
+        infos, deltas = [], {}
+        for base in bases:
+            model = base_model(base)
+            p = delta.make_patch(model, data)
+            if len(p["patch"]) >= len(data) or p["base_sha256"] in deltas:
+                continue  # not smaller: devices on that version take the full bundle
+            meta = {"target_sha256": sha, "target_size": len(data), "base_sha256": p["base_sha256"],
+                    "codec": delta.CODEC, "window_log": p["window_log"]}
+            idx = chunk_index(p["patch"], delta=meta)
+            infos += self._put(delta_topic(self.fleet, sha, p["base_sha256"]), p["patch"], idx)
+            deltas[p["base_sha256"]] = len(p["patch"])
+        idx = chunk_index(data, deltas=sorted(deltas))
+        infos += self._put(bundle_topic(self.fleet, sha), data, idx)
         self._wait(infos, bundle.name)
         return {"sha256": sha, "size": len(data), "chunks": len(idx["chunks"]), "model": doc["name"],
-                "version": doc["version"]}
+                "version": doc["version"], "deltas": deltas}
 
     def desire(self, model: str, version: int, sha256: str, size: int, device: str | None = None,
                group: str | None = None, url: str = "", rollback_to: int | None = None) -> str:
@@ -70,8 +87,23 @@ class Publisher:
         return topic
 
 
+def base_model(bundle: Path) -> bytes:
+    """The model file inside a bundle: what a device running that bundle patches against."""
+    import tarfile
+
+    doc, _ = inspect_bundle(bundle)
+    try:
+        with tarfile.open(bundle) as tar:
+            fh = tar.extractfile(doc["model"]["path"])
+            assert fh is not None
+            return fh.read()
+    except (tarfile.TarError, KeyError, AssertionError, OSError) as exc:
+        raise BundleError(f"{bundle}: cannot read its model file for a delta ({exc})") from exc
+
+
 def publish(bundle: Path, broker: Broker, fleet: str, key: SigningKey, device: str | None = None,
-            group: str | None = None, timeout: float = 120, url: str = "") -> dict[str, Any]:
+            group: str | None = None, timeout: float = 120, url: str = "",
+            delta_from: list[Path] = ()) -> dict[str, Any]:
     """With ``url`` (the bundle on object storage / a CDN) only the signed desired state goes over MQTT."""
     if bool(device) == bool(group):
         raise ToolkitError("publish needs exactly one of --device or --group")
@@ -83,7 +115,7 @@ def publish(bundle: Path, broker: Broker, fleet: str, key: SigningKey, device: s
             info = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "chunks": 0,
                     "model": doc["name"], "version": doc["version"]}
         else:
-            info = pub.upload(bundle)
+            info = pub.upload(bundle, list(delta_from))
         topic = pub.desire(info["model"], info["version"], info["sha256"], info["size"], device, group, url)
     finally:
         pub.close()

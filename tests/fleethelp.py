@@ -1,0 +1,55 @@
+"""Helpers for the fleet tests: agents with a fleet link, and a watcher of retained reported states."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from agent.mqtt import Broker, make_client
+from agent.service import Agent
+
+needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None and not os.path.exists(
+    "/usr/sbin/mosquitto"), reason="mosquitto not installed (apt-get install mosquitto)")
+
+
+def start_agent(tmp_path, name, broker, keyring, group="", **link_kw):
+    from agent.fleet import FleetLink
+
+    a = Agent(tmp_path / name, keyring, "aarch64")
+    a.start()
+    link = FleetLink(a, keyring, Broker.parse(broker.url), "test", name, group, **link_kw)
+    link.start()
+    return a, link
+
+
+class Watcher:
+    """Collects retained reported states."""
+
+    def __init__(self, broker):
+        self.reports: dict[str, dict] = {}
+        self.c = make_client(f"watcher-{time.time_ns()}", Broker.parse(broker.url))
+        self.c.on_message = self._msg
+        self.c.connect("127.0.0.1", broker.port)
+        self.c.subscribe("edgeship/v1/test/device/+/reported", qos=1)
+        self.c.loop_start()
+
+    def _msg(self, c, u, m):
+        if m.payload:
+            d = json.loads(m.payload)
+            self.reports[d["device"]] = d
+
+    def wait(self, pred, timeout=60):
+        end = time.time() + timeout
+        while time.time() < end:
+            if pred(self.reports):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self):
+        self.c.disconnect()
+        self.c.loop_stop()

@@ -1,0 +1,136 @@
+"""Bundle transfer faults on a real Mosquitto: deltas (and their fallback), duplicate and out-of-order
+chunks, an agent killed mid-install."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+from agent.mqtt import Broker, make_client
+from agent.protocol import bundle_topic, chunk_index, delta_topic
+from conftest import ROOT
+from fleethelp import Watcher, needs_mosquitto, start_agent
+from toolkit.publish import Publisher, base_model, publish
+
+pytestmark = needs_mosquitto
+
+
+def _raw(broker, name):
+    c = make_client(name, Broker.parse(broker.url))
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    return c
+
+
+def test_delta_update_is_applied_and_verified(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    b = Broker.parse(broker.url)
+    w = Watcher(broker)
+    a, link = start_agent(tmp_path, "pi-d", broker, keyring)
+    try:
+        publish(fleet_bundles["v1"], b, "test", signing_key, device="pi-d")
+        assert w.wait(lambda r: r.get("pi-d", {}).get("version") == 1), w.reports
+        res = publish(fleet_bundles["v2"], b, "test", signing_key, device="pi-d", delta_from=[fleet_bundles["v1"]])
+        assert len(res["deltas"]) == 1
+        assert w.wait(lambda r: r.get("pi-d", {}).get("version") == 2), w.reports
+        t = w.reports["pi-d"]["transfer"]
+        assert t["mode"] == "delta" and t["bytes"] < 0.15 * res["size"], t
+        assert a.current.manifest.version == 2
+        assert not list((tmp_path / "pi-d" / "downloads").iterdir())  # nothing left behind
+    finally:
+        link.stop()
+        w.stop()
+
+
+def test_corrupt_patch_falls_back_to_the_full_bundle(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    """A patch whose chunks are intact but which does not rebuild the signed bundle is dropped."""
+    b = Broker.parse(broker.url)
+    w = Watcher(broker)
+    a, link = start_agent(tmp_path, "pi-c", broker, keyring)
+    evil = _raw(broker, "evil-delta")
+    try:
+        publish(fleet_bundles["v1"], b, "test", signing_key, device="pi-c")
+        assert w.wait(lambda r: r.get("pi-c", {}).get("version") == 1), w.reports
+        v2 = fleet_bundles["v2"].read_bytes()
+        sha, base = hashlib.sha256(v2).hexdigest(), hashlib.sha256(base_model(fleet_bundles["v1"])).hexdigest()
+        pub = Publisher(b, "test", signing_key)
+        info = pub.upload(fleet_bundles["v2"], [fleet_bundles["v1"]])
+        # replace the patch with a well-formed zstd frame of the wrong content (chunk hashes match it)
+        import zstandard
+
+        bad = zstandard.ZstdCompressor().compress(b"x" * len(v2))
+        idx = chunk_index(bad, delta={"target_sha256": sha, "target_size": len(v2), "base_sha256": base,
+                                      "codec": "zstd", "window_log": 22})
+        prefix = delta_topic("test", sha, base)
+        for i in range(len(idx["chunks"])):
+            cs = idx["chunk_size"]
+            evil.publish(f"{prefix}/chunk/{i}", bad[i * cs:(i + 1) * cs], qos=1, retain=True).wait_for_publish(5)
+        evil.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True).wait_for_publish(5)
+        pub.desire(info["model"], info["version"], sha, len(v2), device="pi-c")
+        pub.close()
+        assert w.wait(lambda r: r.get("pi-c", {}).get("version") == 2), w.reports
+        assert w.reports["pi-c"]["transfer"]["mode"] == "full"
+    finally:
+        link.stop()
+        evil.loop_stop()
+        w.stop()
+
+
+def test_duplicate_and_out_of_order_chunks(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    """Chunks sent last-to-first, each twice and not retained, after the agent asked for them."""
+    from agent.protocol import desired_doc, device_topic, sign_message
+
+    data = fleet_bundles["v2"].read_bytes()
+    idx = chunk_index(data, chunk_size=4096)
+    prefix = bundle_topic("test", idx["sha256"])
+    host = _raw(broker, "host-ooo")
+    w = Watcher(broker)
+    a, link = start_agent(tmp_path, "pi-o", broker, keyring)
+    try:
+        host.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True).wait_for_publish(5)
+        doc = desired_doc("digits", 2, idx["sha256"], len(data), "device:pi-o")
+        host.publish(device_topic("test", "pi-o", "desired"), sign_message(doc, signing_key.key_id, signing_key.sign),
+                     qos=1, retain=True).wait_for_publish(5)
+        assert w.wait(lambda r: r.get("pi-o", {}).get("status") == "downloading", 20), w.reports
+        time.sleep(1.0)  # the agent subscribes to the chunks it lacks
+        cs = idx["chunk_size"]
+        for i in reversed(range(len(idx["chunks"]))):
+            for _ in range(2):
+                host.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1).wait_for_publish(5)
+        assert w.wait(lambda r: r.get("pi-o", {}).get("version") == 2, 30), w.reports
+        assert w.reports["pi-o"]["status"] == "installed"
+        assert link._worker.is_alive()
+    finally:
+        link.stop()
+        host.loop_stop()
+        w.stop()
+
+
+def _agent_proc(tmp_path, broker, keyring_dir, name, faults=""):
+    conf = tmp_path / f"{name}.toml"
+    conf.write_text(f'[agent]\nstate_dir = "{tmp_path / name}"\nkeyring = "{keyring_dir}"\ndevice_id = "{name}"\n'
+                    f'arch = "aarch64"\n[http]\nport = 0\n[mqtt]\nbroker = "{broker.url}"\nfleet = "test"\n')
+    env = {**os.environ, "EDGESHIP_AGENT_FAULTS": faults}
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(conf)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_agent_killed_mid_install_converges_after_restart(tmp_path, broker, settings, signing_key,
+                                                           fleet_bundles):
+    w = Watcher(broker)
+    keyring_dir = settings.keyring_path
+    proc = _agent_proc(tmp_path, broker, keyring_dir, "pi-k", faults="VerifyModel=crash")
+    try:
+        publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, device="pi-k")
+        assert proc.wait(timeout=120) == -9  # SIGKILL inside the install engine
+        assert json.loads((tmp_path / "pi-k" / "state.json").read_text())["update"]["state"] == "VerifyModel"
+        proc = _agent_proc(tmp_path, broker, keyring_dir, "pi-k")  # restart: recovery, then the fleet link resumes
+        assert w.wait(lambda r: r.get("pi-k", {}).get("version") == 1 and r["pi-k"]["status"] == "installed",
+                      90), w.reports
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        w.stop()
