@@ -205,7 +205,11 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
         from agent.mqtt import Broker
 
         broker = Broker.parse(cfg.mqtt_broker, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_ca_file)
-        link = FleetLink(agent, Keyring.load(cfg.keyring), broker, cfg.fleet, cfg.device_id, cfg.group)
+        from agent.reporter import TelemetryConfig
+
+        tele = TelemetryConfig(cfg.telemetry_interval, cfg.heartbeat, cfg.telemetry_queue_max, cfg.drift_psi,
+                               cfg.drift_every)
+        link = FleetLink(agent, Keyring.load(cfg.keyring), broker, cfg.fleet, cfg.device_id, cfg.group, tele)
         link.start()
         click.echo(f"fleet {cfg.fleet!r} via {broker.host}:{broker.port} (group {cfg.group or '-'})")
     if install_bundle:

@@ -37,6 +37,11 @@ class Config:
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     mqtt_ca_file: str | None = None
+    telemetry_interval: float = 10.0
+    heartbeat: float = 30.0
+    telemetry_queue_max: int = 10_000
+    drift_psi: float = 0.25
+    drift_every: int = 1
 
 
 FIELDS: dict[str, tuple[str, type, Any]] = {
@@ -55,6 +60,11 @@ FIELDS: dict[str, tuple[str, type, Any]] = {
     "mqtt_username": ("mqtt.username", str, None),
     "mqtt_password": ("mqtt.password", str, None),
     "mqtt_ca_file": ("mqtt.ca_file", str, None),
+    "heartbeat": ("mqtt.heartbeat", float, 30.0),
+    "telemetry_interval": ("telemetry.interval", float, 10.0),
+    "telemetry_queue_max": ("telemetry.queue_max", int, 10_000),
+    "drift_psi": ("telemetry.drift_psi", float, 0.25),
+    "drift_every": ("telemetry.drift_every", int, 1),
 }
 
 
@@ -83,14 +93,18 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
             v, src = doc[section][k], "file"
         if v is None:
             v = default
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
         if v is not None and not isinstance(v, typ) or isinstance(v, bool):
             try:
                 v = typ(v) if src == "env" else _bad(where, key, typ, v)
             except ValueError as exc:
                 raise ConfigError(f"EDGESHIP_AGENT_{name.upper()}: expected {typ.__name__}, got {v!r}") from exc
         values[name] = v
-    for name in ("threads", "http_port", "max_body_bytes"):
-        if values[name] is not None and values[name] < (0 if name == "http_port" else 1):
+    for name in ("threads", "http_port", "max_body_bytes", "heartbeat", "telemetry_interval", "telemetry_queue_max",
+                 "drift_psi", "drift_every"):
+        low = 0 if name in ("http_port", "telemetry_interval", "drift_every") else 1e-9
+        if values[name] is not None and values[name] < low:
             raise ConfigError(f"{where}: {FIELDS[name][0]}: must be positive, got {values[name]}")
     return Config(state_dir=Path(values["state_dir"]), keyring=Path(values["keyring"]),
                   device_id=values["device_id"] or socket.gethostname(),
@@ -98,7 +112,9 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
                   http_host=values["http_host"], http_port=values["http_port"],
                   max_body_bytes=values["max_body_bytes"], mqtt_broker=values["mqtt_broker"],
                   fleet=values["fleet"], group=values["group"], mqtt_username=values["mqtt_username"],
-                  mqtt_password=values["mqtt_password"], mqtt_ca_file=values["mqtt_ca_file"])
+                  mqtt_password=values["mqtt_password"], mqtt_ca_file=values["mqtt_ca_file"],
+                  **{k: values[k] for k in ("telemetry_interval", "heartbeat", "telemetry_queue_max", "drift_psi",
+                                            "drift_every")})
 
 
 def _bad(where: str, key: str, typ: type, v: Any) -> Any:

@@ -21,6 +21,7 @@ from agent.mqtt import Broker, make_client
 from agent import delta
 from agent.protocol import (Desired, ProtocolError, bundle_topic, delta_topic, device_topic, group_topic,
                             parse_message)
+from agent.reporter import Reporter, TelemetryConfig
 from agent.service import Agent
 from agent.store import atomic_write
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class FleetLink:
     def __init__(self, agent: Agent, keyring: Keyring, broker: Broker, fleet: str, device_id: str,
-                 group: str = ""):
+                 group: str = "", telemetry: TelemetryConfig | None = TelemetryConfig()):
         self.agent, self.keyring, self.broker = agent, keyring, broker
         self.fleet, self.device, self.group = fleet, device_id, group
         self.dir = agent.store.dir / "downloads"
@@ -46,14 +47,19 @@ class FleetLink:
         self.transfer: dict[str, Any] = {}
         self.status, self.error = "idle", ""
         self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
+        self.reporter = Reporter(self, telemetry) if telemetry and telemetry.interval > 0 else None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._worker.start()
+        if self.reporter:
+            self.reporter.start()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
 
     def stop(self) -> None:
+        if self.reporter:
+            self.reporter.stop()
         info = self.client.publish(device_topic(self.fleet, self.device, "presence"),
                                    json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
         if self.client.is_connected():
@@ -71,13 +77,16 @@ class FleetLink:
         if getattr(reason, "is_failure", False):
             log.warning("MQTT connect refused: %s", reason)
             return
-        client.publish(device_topic(self.fleet, self.device, "presence"),
-                       json.dumps({"v": 1, "type": "presence", "online": True, "t": time.time()}), qos=1, retain=True)
+        presence = self.reporter.presence() if self.reporter else json.dumps(
+            {"v": 1, "type": "presence", "online": True, "t": time.time()})
+        client.publish(device_topic(self.fleet, self.device, "presence"), presence, qos=1, retain=True)
         subs = [(device_topic(self.fleet, self.device, "desired"), 1)]
         if self.group:
             subs.append((group_topic(self.fleet, self.group), 1))
         client.subscribe(subs)
         self.q.put(("$resume", b""))
+        if self.reporter:
+            self.reporter.wake()
 
     # ------------------------------------------------------------ worker
     def _work(self) -> None:

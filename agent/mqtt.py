@@ -29,10 +29,12 @@ class Broker:
                    password or u.password, ca_file)
 
 
-def make_client(client_id: str, broker: Broker):
+def make_client(client_id: str, broker: Broker, clean_session: bool = True):
+    """``clean_session=False``: the broker keeps the subscriptions and queues QoS 1 messages while we are away."""
     import paho.mqtt.client as mqtt
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                    clean_session=clean_session)
     if broker.username:
         c.username_pw_set(broker.username, broker.password)
     if broker.tls:

@@ -69,11 +69,15 @@ class Model:
 
     def predict(self, feed: Mapping[str, Any] | Sequence[Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch. ``feed`` is one array (single input), a list in input order, or a name map."""
-        arrays = self._arrange(feed)
+        return self.run(self.arrange(feed))
+
+    def run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Run already-arranged inputs (see ``arrange``)."""
         with self._lock:
             return self._run(arrays)
 
-    def _arrange(self, feed: Any) -> list[np.ndarray]:
+    def arrange(self, feed: Any) -> list[np.ndarray]:
+        """Check ``feed`` against the model's inputs: float32 (or the model's dtype) arrays, in input order."""
         if isinstance(feed, Mapping):
             missing = [s.name for s in self.inputs if s.name not in feed]
             unknown = sorted(set(feed) - {s.name for s in self.inputs})

@@ -23,6 +23,7 @@ from agent.keys import Keyring
 from agent.manifest import Manifest, parse_manifest
 from agent.runtime import Model, load_model
 from agent.store import Store
+from agent.telemetry import Drift, Window
 
 log = logging.getLogger(__name__)
 BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
@@ -37,6 +38,8 @@ class Loaded:
     slot: str
     manifest: Manifest
     model: Model
+    window: Window  # this version's requests since the last telemetry record
+    drift: Drift
 
 
 class Metrics:
@@ -93,6 +96,9 @@ class Agent:
         self.metrics = Metrics()
         self._current: Loaded | None = None
         self._install_lock = threading.Lock()
+        self.drift_every = 0  # bin every Nth request's inputs for drift (0: off; telemetry turns it on)
+        self.drift_psi = 0.25
+        self._n = 0
 
     def start(self) -> Result | None:
         """Recover an interrupted update, then load the active model."""
@@ -121,11 +127,20 @@ class Agent:
         key = (cur.manifest.name, cur.manifest.version)
         t = time.perf_counter()
         try:
-            out = cur.model.predict(feed)
+            arrays = cur.model.arrange(feed)
+            out = cur.model.run(arrays)
         except AgentError:
-            self.metrics.observe(key, (time.perf_counter() - t) * 1e3, False)
+            ms = (time.perf_counter() - t) * 1e3
+            self.metrics.observe(key, ms, False)
+            cur.window.observe(ms, False)
             raise
-        self.metrics.observe(key, (time.perf_counter() - t) * 1e3, True)
+        ms = (time.perf_counter() - t) * 1e3
+        self.metrics.observe(key, ms, True)
+        cur.window.observe(ms, True)
+        if self.drift_every:
+            self._n += 1
+            if self._n % self.drift_every == 0:
+                cur.drift.observe(arrays, out)
         return out
 
     def status(self) -> dict[str, Any]:
@@ -144,5 +159,5 @@ class Agent:
         m = parse_manifest((folder / "manifest.json").read_bytes())
         if model is None:
             model = load_model(folder / m.model_file, threads=self.threads or m.threads)
-        self._current = Loaded(slot, m, model)
+        self._current = Loaded(slot, m, model, Window(), Drift(m, self.drift_psi))
         log.info("serving %s (%s) from slot %s", m.id, m.precision, slot)

@@ -339,176 +339,6 @@ def runtimes_list(s: Settings) -> None:
         click.echo(f"{name:<28} {py}")
 
 
-# ---------------------------------------------------------------- fleet
-@cli.command()
-@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--device", help="Target one device id.")
-@click.option("--group", help="Target a device group.")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGESHIP_BROKER",
-              help="mqtt[s]://host:port [env EDGESHIP_BROKER].")
-@click.option("--fleet", default="default", show_default=True, help="Fleet name (topic namespace).")
-@click.option("--username", envvar="EDGESHIP_MQTT_USERNAME")
-@click.option("--password", envvar="EDGESHIP_MQTT_PASSWORD")
-@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle for mqtts://.")
-@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Signing key for the desired state.")
-@click.option("--url", default="", help="Devices download the bundle from this http(s) URL instead of MQTT chunks.")
-@click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A bundle devices may be running: also publish a (smaller) patch against its model. Repeatable.")
-@click.pass_obj
-def publish(s: Settings, bundle: Path, device: str | None, group: str | None, broker: str, fleet: str,
-            username: str | None, password: str | None, ca_file: str | None, key: Path | None, url: str,
-            delta_from: tuple[Path, ...]) -> None:
-    """Publish BUNDLE as resumable chunks and set the signed desired state of a device or group."""
-    from agent.mqtt import Broker
-    from toolkit.publish import publish as do_publish
-    from toolkit.signing import load_key
-
-    res = do_publish(bundle, Broker.parse(broker, username, password, ca_file), fleet,
-                     load_key(key or s.key_path), device=device, group=group, url=url, delta_from=list(delta_from))
-    click.echo(f"published {res['model']} v{res['version']} ({res['chunks']} chunks, sha256 "
-               f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
-    for base, size in res.get("deltas", {}).items():
-        click.echo(f"  delta against model {base[:12]}…: {size} bytes ({size / res['size']:.1%} of the bundle)")
-
-
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
-@click.option("--port", default=1883, show_default=True, type=int)
-def broker(host: str, port: int) -> None:
-    """Run the embedded MQTT broker (zero set-up; use Mosquitto/EMQX/HiveMQ in production)."""
-    import signal
-
-    from toolkit.broker import EmbeddedBroker
-
-    eb = EmbeddedBroker(host, port).start()
-    click.echo(f"embedded broker on {eb.url} (Ctrl-C to stop)")
-    try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        eb.stop()
-
-
-def _rollouts(s: Settings, broker: str, fleet_name: str, key: Path | None):
-    from agent.mqtt import Broker
-    from toolkit.publish import Publisher
-    from toolkit.rollout import Rollouts
-    from toolkit.signing import load_key
-
-    b = Broker.parse(broker)
-    signing = load_key(key or s.key_path)
-    s.home.mkdir(parents=True, exist_ok=True)
-    return Rollouts(s.registry_path, b, fleet_name, lambda: Publisher(b, fleet_name, signing), echo=click.echo)
-
-
-_rollout_opts = [
-    click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGESHIP_BROKER"),
-    click.option("--fleet", "fleet_name", default="default", show_default=True),
-    click.option("--key", type=click.Path(dir_okay=False, path_type=Path)),
-]
-
-
-def rollout_options(fn: Any) -> Any:
-    for opt in reversed(_rollout_opts):
-        fn = opt(fn)
-    return fn
-
-
-@cli.group()
-def rollout() -> None:
-    """Staged rollouts to a device group (state kept in the registry)."""
-
-
-def _show(r: dict[str, Any]) -> None:
-    plan = r["plan"]
-    click.echo(f"rollout {r['id']}: {r['model']} v{r['version']} -> group {r['grp']}: {r['state']} "
-               f"(wave {min(plan['wave'] + 1, len(plan['waves']))}/{len(plan['waves'])})"
-               + (f"\n  {r['error']}" if r.get("error") else ""))
-    for dev, res in sorted(plan["results"].items()):
-        click.echo(f"  {dev:<16} {res}")
-
-
-@rollout.command("start")
-@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--group", required=True)
-@click.option("--canary", default="10%", show_default=True, help="Size of the first wave, e.g. 10%.")
-@click.option("--max-failures", default=0, show_default=True, help="Failures tolerated per wave before halting.")
-@click.option("--timeout", default=600.0, show_default=True, help="Seconds a wave may take.")
-@rollout_options
-@click.pass_obj
-def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failures: int, timeout: float,
-                  broker: str, fleet_name: str, key: Path | None) -> None:
-    """Canary wave, then the rest; halt and roll the wave back when devices fail."""
-    try:
-        pct = float(canary.rstrip("%"))
-    except ValueError as exc:
-        raise click.BadParameter(f"{canary!r} is not a percentage", param_hint="--canary") from exc
-    r = _rollouts(s, broker, fleet_name, key).start(bundle, group, pct, max_failures, timeout)
-    _show(r)
-    if r["state"] != "completed":
-        raise ToolkitError(f"rollout {r['id']} {r['state']}")
-
-
-@rollout.command("status")
-@click.argument("rollout_id", type=int, required=False)
-@rollout_options
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-def rollout_status(s: Settings, rollout_id: int | None, broker: str, fleet_name: str, key: Path | None,
-                   as_json: bool) -> None:
-    """Show one rollout, or all."""
-    ro = _rollouts(s, broker, fleet_name, key)
-    rows = [ro.get(rollout_id)] if rollout_id else ro.list()
-    if as_json:
-        return _emit(rows)
-    for r in rows:
-        _show(r)
-
-
-@rollout.command("resume")
-@click.argument("rollout_id", type=int)
-@rollout_options
-@click.pass_obj
-def rollout_resume(s: Settings, rollout_id: int, broker: str, fleet_name: str, key: Path | None) -> None:
-    """Continue a running rollout after the host process stopped."""
-    _show(_rollouts(s, broker, fleet_name, key).resume(rollout_id))
-
-
-@rollout.command("abort")
-@click.argument("rollout_id", type=int)
-@rollout_options
-@click.pass_obj
-def rollout_abort(s: Settings, rollout_id: int, broker: str, fleet_name: str, key: Path | None) -> None:
-    """Stop a rollout (devices keep what they installed)."""
-    _show(_rollouts(s, broker, fleet_name, key).abort(rollout_id))
-
-
-@cli.group()
-def fleet() -> None:
-    """Fleet status."""
-
-
-@fleet.command("devices")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGESHIP_BROKER")
-@click.option("--fleet", "fleet_name", default="default", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def fleet_devices(broker: str, fleet_name: str, as_json: bool) -> None:
-    """Devices with group, model version, update status, online/offline and last report."""
-    from agent.mqtt import Broker
-    from toolkit.fleet import devices
-
-    rows = devices(Broker.parse(broker), fleet_name)
-    if as_json:
-        return _emit(rows)
-    click.echo(f"{'device':<16} {'group':<12} {'model':<14} {'ver':>4} {'status':<12} {'online':<7} last report")
-    for r in rows:
-        when = time.strftime("%H:%M:%S", time.localtime(r["t"])) if r.get("t") else "-"
-        click.echo(f"{r['device']:<16} {r.get('group') or '-':<12} {r.get('model') or '-':<14} "
-                   f"{r.get('version') or '-':>4} {r.get('status') or '-':<12} "
-                   f"{'yes' if r['online'] else 'no':<7} {when}  {r.get('error') or ''}")
-
-
 # ---------------------------------------------------------------- demo
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
@@ -520,6 +350,11 @@ def demo(s: Settings, workdir: Path | None, quick: bool) -> None:
     from toolkit.demo import run_demo
 
     run_demo(s, workdir or s.home / "demo", quick=quick, echo=click.echo)
+
+
+from toolkit.cli_fleet import register  # noqa: E402  (publish, broker, rollout, fleet)
+
+register(cli)
 
 
 def main() -> None:

@@ -47,8 +47,24 @@ def input_stats(names: list[str], arrays: list[np.ndarray]) -> list[dict[str, An
         if flat.size > 200_000:
             flat = flat[:: flat.size // 200_000 + 1]
         q = np.quantile(flat, np.linspace(0, 1, 11))
+        edges = np.unique(q[1:-1])  # bin k holds edges[k-1] < x <= edges[k] (ties make fewer bins)
+        p = np.bincount(np.searchsorted(edges, flat, side="left"), minlength=len(edges) + 1) / flat.size
         out.append({"name": name, "mean": _g(flat.mean()), "std": _g(flat.std()),
-                    "deciles": [_g(x) for x in q], "samples": int(a.shape[0])})
+                    "deciles": [_g(x) for x in q], "samples": int(a.shape[0]),
+                    "bins": {"edges": [_g(x) for x in edges], "p": [_g(x) for x in p]}})
+    return out
+
+
+def output_stats(model: Model, inputs: list[np.ndarray], limit: int = 512) -> list[dict[str, Any]]:
+    """Predicted-class distribution of each classifier-shaped output ([N, C], 2 <= C <= 1000) on
+    held-out data: the device compares what it predicts in the field with it."""
+    res = model.predict([a[:limit] for a in inputs])
+    out = []
+    for spec in model.outputs:
+        y = res[spec.name]
+        if y.ndim == 2 and 2 <= y.shape[1] <= 1000:
+            p = np.bincount(y.argmax(1), minlength=y.shape[1]) / y.shape[0]
+            out.append({"name": spec.name, "classes": int(y.shape[1]), "p": [_g(x) for x in p]})
     return out
 
 
@@ -109,6 +125,7 @@ def write(out: Path, *, name: str, version: int, profile: Profile, variant: Vari
         "preprocessing": meta.get("preprocessing", {}),
         "postprocessing": meta.get("postprocessing", {}),
         "input_stats": stats,
+        "output_stats": output_stats(model, val_inputs),
         "metrics": {**metrics, "size_bytes": variant.size_bytes},
         "provenance": {**provenance, "profile_sha256": profile.sha256, "tools": _versions()},
     }

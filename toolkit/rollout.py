@@ -1,9 +1,10 @@
 """Staged rollouts: canary wave first, then the rest; halt and roll the wave back when devices fail.
 
 Rollout state lives in the registry (SQLite), saved after every step, so `edgeship rollout
-status/resume/abort` work after the host process restarts. Decisions use the devices' retained
-reported state (install success, failure, golden-set refusal); telemetry-based halts (error rate,
-p95 vs the replaced version) come with the telemetry issue.
+status/resume/abort` work after the host process restarts. A wave fails when its devices fail to
+install (including a golden-set refusal) or, with an observation window, when their telemetry shows
+a worse error rate or p95 latency on the new version than the replaced version shows (the rest of
+the group during the same window, and the wave's own devices before the rollout).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from toolkit.errors import ToolkitError
 from toolkit.fleet import devices
 from toolkit.publish import Publisher
 
+MIN_REQUESTS = 20  # fewer requests than this on either side: no telemetry verdict
+BASELINE_WINDOW = 600.0  # seconds of pre-rollout telemetry that count as the baseline
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL, updated REAL, fleet TEXT, grp TEXT, bundle TEXT,
@@ -30,11 +34,25 @@ CREATE TABLE IF NOT EXISTS rollouts (
 
 class Rollouts:
     def __init__(self, db: Path, broker: Broker, fleet: str, pub_factory: Callable[[], Publisher],
-                 wait: float = 1.0, echo: Callable[[str], None] = lambda m: None):
+                 wait: float = 1.0, echo: Callable[[str], None] = lambda m: None, fleet_db: Path | None = None):
         self.db = sqlite3.connect(str(db), timeout=30)
         self.db.row_factory = sqlite3.Row
         self.db.executescript(SCHEMA)
         self.broker, self.fleet, self.pub_factory, self.wait, self.echo = broker, fleet, pub_factory, wait, echo
+        self.fleet_db = fleet_db or db.with_name("fleet.db")
+
+    def _delta_bases(self, members: list[dict[str, Any]], extra: list[Path]) -> list[Path]:
+        """Bundles the group runs now (found in the build registry) plus ``extra``: publish deltas against them."""
+        shas = {d.get("installed_sha256") for d in members} - {None}
+        found = []
+        try:
+            for (path,) in self.db.execute(f"SELECT bundle_path FROM builds WHERE bundle_sha256 IN "
+                                           f"({','.join('?' * len(shas))})", sorted(shas)):
+                if Path(path).is_file():
+                    found.append(Path(path))
+        except sqlite3.Error:
+            pass  # no builds in this registry
+        return list(dict.fromkeys([*extra, *found]))
 
     def get(self, rid: int) -> dict[str, Any]:
         row = self.db.execute("SELECT * FROM rollouts WHERE id = ?", (rid,)).fetchone()
@@ -53,7 +71,8 @@ class Rollouts:
                             (time.time(), r["state"], json.dumps(r["plan"]), r.get("error", ""), r["id"]))
 
     def start(self, bundle: Path, group: str, canary_pct: float, max_failures: int = 0,
-              timeout: float = 300) -> dict[str, Any]:
+              timeout: float = 300, observe: float = 0.0, max_error_increase: float = 0.02,
+              max_p95_increase: float = 0.25, delta_from: list[Path] = ()) -> dict[str, Any]:
         members = [d for d in devices(self.broker, self.fleet) if d.get("group") == group]
         if not members:
             raise ToolkitError(f"group {group!r} has no devices reporting in fleet {self.fleet!r}")
@@ -62,10 +81,14 @@ class Rollouts:
         waves = [names[:n_canary]] + ([names[n_canary:]] if names[n_canary:] else [])
         pub = self.pub_factory()
         try:
-            info = pub.upload(bundle)
+            info = pub.upload(bundle, self._delta_bases(members, list(delta_from)))
         finally:
             pub.close()
-        plan = {"waves": waves, "wave": 0, "max_failures": max_failures, "timeout": timeout,
+        for base, size in info["deltas"].items():
+            self.echo(f"delta for devices on model {base[:12]}: {size} bytes ({size / info['size']:.1%} of the bundle)")
+        plan = {"waves": waves, "wave": 0, "max_failures": max_failures, "timeout": timeout, "observe": observe,
+                "max_error_increase": max_error_increase, "max_p95_increase": max_p95_increase,
+                "started": time.time(),
                 "previous": {d["device"]: {"version": d.get("version"), "sha256": d.get("installed_sha256")}
                              for d in members}, "results": {}}
         with self.db:
@@ -89,6 +112,11 @@ class Rollouts:
                 for dev in wave:
                     pub.desire(r["model"], r["version"], r["sha256"], r["size"], device=dev)
                 results = self._await(r, wave, plan["timeout"])
+                installed = [d for d, v in results.items() if v == "installed"]
+                if plan.get("observe") and len(installed) == len(wave):
+                    verdict = self._observe(r, wave)
+                    if verdict:
+                        results = {d: f"failed: {verdict}" for d in wave}
                 plan["results"].update(results)
                 failed = [d for d, s in results.items() if s != "installed"]
                 self.echo(f"rollout {rid}: wave {plan['wave'] + 1}: {len(wave) - len(failed)} installed, "
@@ -96,7 +124,7 @@ class Rollouts:
                 if len(failed) > plan["max_failures"]:
                     for dev in wave:
                         prev = plan["previous"].get(dev, {})
-                        if results.get(dev) == "installed" and prev.get("version"):
+                        if dev in installed and prev.get("version"):
                             pub.desire(r["model"], r["version"], prev["sha256"] or "0" * 64, r["size"],
                                        device=dev, rollback_to=int(prev["version"]))
                             plan["results"][dev] = "rolled-back"
@@ -122,16 +150,81 @@ class Rollouts:
 
     def _await(self, r: dict[str, Any], wave: list[str], timeout: float) -> dict[str, str]:
         end, results = time.time() + timeout, {}
-        started = time.time()
+        started, shown = time.time(), ""
         while time.time() < end and len(results) < len(wave):
+            states: dict[str, str] = {}
             for d in devices(self.broker, self.fleet, wait=self.wait):
                 name = d["device"]
                 if name not in wave or name in results or (d.get("t") or 0) < started - 1:
                     continue
+                states[name] = d.get("status") or "?"
                 if d.get("installed_sha256") == r["sha256"] and d.get("status") == "installed":
                     results[name] = "installed"
                 elif d.get("status") == "failed":
                     results[name] = f"failed: {d.get('error')}"
+            ok = sum(v == "installed" for v in results.values())
+            busy = sorted(f"{n}:{s}" for n, s in states.items() if n not in results)
+            line = (f"  {ok}/{len(wave)} installed, {len(results) - ok} failed"
+                    + (f", in progress: {' '.join(busy)}" if busy else ""))
+            if line != shown:
+                self.echo(f"{line}  ({time.time() - started:.0f}s)")
+                shown = line
         for dev in wave:
             results.setdefault(dev, "failed: no report before the timeout")
         return results
+
+    def _observe(self, r: dict[str, Any], wave: list[str]) -> str:
+        """Collect telemetry for the observation window; '' when the wave is healthy, else why not."""
+        from toolkit.collector import Collector, open_db
+
+        plan = r["plan"]
+        since = time.time()
+        self.echo(f"  observing the wave's telemetry for {plan['observe']:g}s")
+        col = Collector(self.broker, self.fleet, self.fleet_db).start()
+        try:
+            time.sleep(plan["observe"])
+        finally:
+            col.stop()
+        db = open_db(self.fleet_db)
+        try:
+            old_versions = {p.get("version") for p in plan["previous"].values()} - {None, r["version"]}
+            verdict, summary = health_verdict(db, wave, r["version"], sorted(old_versions), since,
+                                              plan["started"] - BASELINE_WINDOW, plan["max_error_increase"],
+                                              plan["max_p95_increase"])
+        finally:
+            db.close()
+        self.echo(f"  telemetry: {summary}")
+        return verdict
+
+
+def _stats(db: sqlite3.Connection, where: str, args: list[Any]) -> tuple[int, float, float | None]:
+    n, errs, p95 = db.execute(f"SELECT SUM(count), SUM(errors), SUM(p95_ms * count) / NULLIF(SUM(count), 0) "
+                              f"FROM telemetry WHERE {where}", args).fetchone()
+    return int(n or 0), (errs or 0) / n if n else 0.0, p95
+
+
+def health_verdict(db: sqlite3.Connection, wave: list[str], version: int, old_versions: list[int],
+                   since: float, baseline_since: float, max_error_increase: float,
+                   max_p95_increase: float) -> tuple[str, str]:
+    """Compare the wave on the new version with the replaced version (other devices of the fleet in
+    the same window and the wave before the rollout). Returns (reason to halt or '', summary)."""
+    q = ",".join("?" * len(wave))
+    new = _stats(db, f"device IN ({q}) AND version = ? AND t >= ?", [*wave, version, since])
+    if not old_versions:
+        return "", f"new v{version}: {new[0]} requests, error rate {new[1]:.2%}; no previous version to compare"
+    v = ",".join("?" * len(old_versions))
+    old = _stats(db, f"version IN ({v}) AND t >= ?", [*old_versions, baseline_since])
+    summary = (f"new v{version}: {new[0]} requests, error rate {new[1]:.2%}, p95 {_ms(new[2])}; "
+               f"replaced v{'/'.join(map(str, old_versions))}: {old[0]} requests, error rate {old[1]:.2%}, "
+               f"p95 {_ms(old[2])}")
+    if new[0] < MIN_REQUESTS or old[0] < MIN_REQUESTS:
+        return "", summary + f" (fewer than {MIN_REQUESTS} requests on a side: no telemetry verdict)"
+    if new[1] > old[1] + max_error_increase:
+        return f"error rate {new[1]:.2%} vs {old[1]:.2%} on the replaced version", summary
+    if new[2] is not None and old[2] is not None and new[2] > old[2] * (1 + max_p95_increase):
+        return f"p95 {_ms(new[2])} vs {_ms(old[2])} on the replaced version", summary
+    return "", summary
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} ms"

@@ -1,0 +1,122 @@
+"""The telemetry reporter: every interval a record goes into the on-disk outbox, then the outbox is
+flushed to the broker in order (QoS 1, deleted only once acknowledged). A heartbeat refreshes the
+retained presence message so the host can tell a silent device from an idle one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent.outbox import Outbox
+from agent.protocol import VERSION, device_topic
+from agent.telemetry import System
+
+if TYPE_CHECKING:
+    from agent.fleet import FleetLink
+
+log = logging.getLogger(__name__)
+BATCH = 100
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    interval: float = 10.0  # seconds between records (0: no telemetry)
+    heartbeat: float = 30.0  # seconds between presence refreshes
+    queue_max: int = 10_000  # records kept while the broker is unreachable (oldest dropped first)
+    drift_psi: float = 0.25  # PSI above which drift is flagged
+    drift_every: int = 1  # bin every Nth request's inputs
+
+
+class Reporter:
+    def __init__(self, link: "FleetLink", cfg: TelemetryConfig):
+        self.link, self.cfg = link, cfg
+        agent = link.agent
+        agent.drift_every, agent.drift_psi = cfg.drift_every, cfg.drift_psi
+        self.outbox = Outbox(agent.store.dir / "telemetry.db", cfg.queue_max)
+        self.system = System(agent.store.dir)
+        self.topic = device_topic(link.fleet, link.device, "telemetry")
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="edgeship-telemetry", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+        self.outbox.close()
+
+    def wake(self) -> None:
+        """Flush now (called on reconnect)."""
+        self._wake.set()
+
+    def presence(self) -> bytes:
+        return json.dumps({"v": VERSION, "type": "presence", "online": True, "t": time.time(),
+                           "heartbeat_s": self.cfg.heartbeat}).encode()
+
+    def record(self) -> dict[str, Any]:
+        agent, link = self.link.agent, self.link
+        cur = agent.current
+        return {"v": VERSION, "type": "telemetry", "device": link.device, "group": link.group, "t": time.time(),
+                "interval_s": self.cfg.interval, "model": cur.manifest.name if cur else None,
+                "version": cur.manifest.version if cur else None,
+                "inference": cur.window.snapshot() if cur else {"count": 0, "errors": 0},
+                "drift": cur.drift.snapshot() if cur else None, "system": self.system.snapshot(),
+                "update": {"status": link.status, "error": link.error,
+                           "last": agent.store.load().get("last_update")}}
+
+    def tick(self) -> None:
+        self.outbox.put(self.topic, json.dumps(self.record(), separators=(",", ":")).encode())
+
+    def flush(self) -> int:
+        """Send queued records in order while connected; returns how many were acknowledged."""
+        client, sent = self.link.client, 0
+        while client.is_connected() and not self._stop.is_set():
+            rows = self.outbox.peek(BATCH)
+            if not rows:
+                break
+            infos = [(seq, client.publish(topic, payload, qos=1)) for seq, topic, payload in rows]
+            acked = None
+            for seq, info in infos:
+                try:
+                    info.wait_for_publish(10)
+                except RuntimeError:  # not queued: the connection went away
+                    break
+                if not info.is_published():
+                    break
+                acked = seq
+            if acked is None:
+                break
+            self.outbox.ack(acked)
+            sent += sum(1 for seq, _ in infos if seq <= acked)
+            if acked != infos[-1][0]:
+                break
+        return sent
+
+    def _loop(self) -> None:
+        next_rec = time.monotonic() + self.cfg.interval
+        next_beat = time.monotonic() + self.cfg.heartbeat
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, min(next_rec, next_beat) - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                now = time.monotonic()
+                if now >= next_rec:
+                    next_rec = now + self.cfg.interval
+                    self.tick()
+                if now >= next_beat:
+                    next_beat = now + self.cfg.heartbeat
+                    if self.link.client.is_connected():
+                        self.link.client.publish(device_topic(self.link.fleet, self.link.device, "presence"),
+                                                 self.presence(), qos=1, retain=True)
+                self.flush()
+            except Exception:  # telemetry must never take the agent down
+                log.exception("telemetry")

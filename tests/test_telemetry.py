@@ -1,0 +1,172 @@
+"""Telemetry on a real Mosquitto: store-and-forward over a broker outage (nothing lost, order kept,
+exact drop count with a tiny bound), a collector that survives malformed messages, drift detection,
+fleet status and report."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from agent.mqtt import Broker, make_client
+from agent.reporter import TelemetryConfig
+from agent.service import Agent
+from fleethelp import Watcher, needs_mosquitto, start_agent
+from toolkit.collector import Collector, open_db
+from toolkit.publish import publish
+
+pytestmark = needs_mosquitto
+OUTAGE_S = 60
+
+
+@pytest.fixture(scope="module")
+def digits_val(digits):
+    with np.load(digits["validation"]) as v:
+        return v["image"].astype(np.float32)
+
+
+def _collector(broker, db, cid="test-collector"):
+    col = Collector(Broker.parse(broker.url), "test", db, client_id=cid)
+    col.client.reconnect_delay_set(1, 2)
+    return col.start()
+
+
+def _rows(db_path, device):
+    db = open_db(db_path)
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM telemetry WHERE device = ? ORDER BY seq", (device,))]
+    finally:
+        db.close()
+
+
+def _wait(pred, timeout=60.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_outage_loses_nothing_and_the_drop_count_is_exact(tmp_path, broker, keyring, signing_key, fleet_bundles,
+                                                           digits_val):
+    db = tmp_path / "fleet.db"
+    col = _collector(broker, db)
+    w = Watcher(broker)
+    big = TelemetryConfig(interval=0.5, heartbeat=1.0, queue_max=10_000)
+    tiny = TelemetryConfig(interval=0.5, heartbeat=1.0, queue_max=5)
+    agents = {name: start_agent(tmp_path, name, broker, keyring, group="tele", telemetry=cfg)
+              for name, cfg in (("t-big", big), ("t-tiny", tiny))}
+    for _, link in agents.values():
+        link.client.reconnect_delay_set(1, 2)
+    try:
+        publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, group="tele")
+        assert w.wait(lambda r: all(r.get(n, {}).get("version") == 1 for n in agents)), w.reports
+        assert _wait(lambda: len(_rows(db, "t-big")) >= 2)
+        broker.stop()
+        served, failed = 0, 0
+        end = time.time() + OUTAGE_S
+        while time.time() < end:  # inference goes on without the broker
+            for a, _ in agents.values():
+                try:
+                    a.predict(digits_val[:4])
+                    served += 1
+                except Exception:
+                    failed += 1
+            time.sleep(0.05)
+        tiny_link = agents["t-tiny"][1]
+        produced_tiny = tiny_link.reporter.outbox.peek(10)[-1][0]  # newest seq queued during the outage
+        broker.start()
+        assert served > 100 and failed == 0
+        big_link = agents["t-big"][1]
+        last_big = big_link.reporter.outbox.peek(10_000)[-1][0]
+        assert _wait(lambda: len(_rows(db, "t-big")) and _rows(db, "t-big")[-1]["seq"] >= last_big, 90)
+        rows = _rows(db, "t-big")
+        seqs = [r["seq"] for r in rows]
+        assert seqs == list(range(1, seqs[-1] + 1))  # every record, none twice
+        assert seqs[-1] - seqs[0] >= OUTAGE_S / big.interval * 0.8
+        outage = [r for r in rows if r["received"] > rows[0]["received"] + 1]
+        assert [r["seq"] for r in sorted(outage, key=lambda r: r["received"])] == [r["seq"] for r in outage]
+        assert sum(r["count"] for r in rows) >= served / 2 * 0.9  # the requests served offline were counted
+        assert all(r["dropped"] == 0 for r in rows)
+        # tiny bound: only the newest 5 of the outage survive, and the device says exactly how many it dropped
+        assert _wait(lambda: any(r["seq"] >= produced_tiny for r in _rows(db, "t-tiny")), 90)
+        tiny_rows = _rows(db, "t-tiny")
+        after = [r for r in tiny_rows if r["dropped"] > 0]
+        assert after, tiny_rows[-3:]
+        first_kept = after[0]["seq"]
+        before = [r["seq"] for r in tiny_rows if r["seq"] < first_kept]
+        assert after[0]["dropped"] == first_kept - 1 - before[-1]  # exactly the gap
+        assert [r["seq"] for r in after][:5] == list(range(first_kept, first_kept + 5))
+    finally:
+        for _, link in agents.values():
+            link.stop()
+        col.stop()
+        w.stop()
+
+
+def test_collector_survives_malformed_telemetry_and_status_and_report(tmp_path, broker, keyring, signing_key,
+                                                                       fleet_bundles, digits_val, settings):
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+
+    db = tmp_path / "fleet.db"
+    col = _collector(broker, db, cid="test-collector-2")
+    evil = make_client("evil-telemetry", Broker.parse(broker.url))
+    evil.connect("127.0.0.1", broker.port)
+    evil.loop_start()
+    a, link = start_agent(tmp_path, "t-ok", broker, keyring, group="g",
+                          telemetry=TelemetryConfig(interval=0.3, heartbeat=1.0))
+    try:
+        publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, device="t-ok")
+        assert _wait(lambda: a.current is not None)
+        bad = [b"not json", b"\xff\xfe", b"[]", b'{"v": 2}', b'{"v": 1, "type": "telemetry"}',
+               b'{"v": 1, "seq": "x"}', b'{"v": 1, "seq": 1, "inference": [1, 2]}',
+               json.dumps({"v": 1, "seq": 10**30, "inference": {}}).encode(),
+               b'{"v": 1, "seq": 3, "inference": {"count": "many"}, "model": {"x": 1}, "version": [1]}']
+        for p in bad:
+            evil.publish("edgeship/v1/test/device/evil/telemetry", p, qos=1).wait_for_publish(5)
+        evil.publish("edgeship/v1/test/device/evil/extra/telemetry", b"{}", qos=1).wait_for_publish(5)
+        for i in range(200):
+            a.predict(digits_val[(2 * i) % (len(digits_val) - 2):][:2])
+        assert _wait(lambda: sum(r["count"] for r in _rows(db, "t-ok")) >= 200, 30)
+        assert col.rejected >= 7 and col._writer.is_alive()
+        assert db.stat().st_size > 0 and open_db(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        home = ["--home", str(tmp_path / "h")]
+        res = CliRunner().invoke(cli, [*home, "fleet", "status", "--db", str(db), "--json"])
+        assert res.exit_code == 0, res.output
+        rows = {r["device"]: r for r in json.loads(res.output)}
+        ok = rows["t-ok"]
+        assert ok["online"] and ok["version"] == 1 and ok["group"] == "g" and ok["error_rate"] == 0.0
+        assert ok["p95_ms"] > 0 and ok["requests"] >= 200 and ok["drift"] is False
+        res = CliRunner().invoke(cli, [*home, "fleet", "status", "--db", str(db)])
+        assert "t-ok" in res.output and "1 online" in res.output or "online" in res.output
+        res = CliRunner().invoke(cli, [*home, "fleet", "report", "--db", str(db), "-o", str(tmp_path / "r.html")])
+        assert res.exit_code == 0, res.output
+        assert "data:image/png;base64" in (tmp_path / "r.html").read_text()
+        link.stop()  # clean stop publishes offline
+        assert _wait(lambda: not {r["device"]: r for r in json.loads(CliRunner().invoke(
+            cli, [*home, "fleet", "status", "--db", str(db), "--json"]).output)}["t-ok"]["online"], 10)
+    finally:
+        link.stop()
+        evil.loop_stop()
+        col.stop()
+
+
+def test_drift_flag_on_shifted_inputs_only(tmp_path, keyring, fleet_bundles, digits_val):
+    a = Agent(tmp_path / "d", keyring, "aarch64")
+    assert a.install(fleet_bundles["v1"]).ok
+    a.drift_every = 1
+    for i in range(0, 300, 10):
+        a.predict(digits_val[i % len(digits_val):][:10])
+    ok = a.current.drift.snapshot()
+    assert ok is not None and ok["flag"] is False, ok
+    shifted = np.clip(digits_val[:300] * 0.3 + 0.6, 0, 1)  # washed-out camera: same shape, other distribution
+    for i in range(0, 300, 10):
+        a.predict(shifted[i:i + 10])
+    bad = a.current.drift.snapshot()
+    assert bad["flag"] is True and bad["max_psi"] > bad["threshold"], bad
+    assert bad["inputs"][0]["mean_shift_std"] > ok["inputs"][0]["mean_shift_std"]

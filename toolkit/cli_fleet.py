@@ -1,0 +1,303 @@
+"""`edgeship publish | broker | rollout | fleet`: the fleet half of the host CLI (registered on the main group)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from toolkit.errors import ToolkitError
+from toolkit.settings import Settings
+
+_MQTT = [
+    click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGESHIP_BROKER",
+                 help="mqtt[s]://host:port [env EDGESHIP_BROKER]."),
+    click.option("--fleet", "fleet_name", default="default", show_default=True, help="Fleet name (topic namespace)."),
+    click.option("--username", envvar="EDGESHIP_MQTT_USERNAME", help="[env EDGESHIP_MQTT_USERNAME]"),
+    click.option("--password", envvar="EDGESHIP_MQTT_PASSWORD", help="[env EDGESHIP_MQTT_PASSWORD]"),
+    click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle for mqtts://."),
+]
+
+
+def mqtt_options(fn: Callable) -> Callable:
+    """Adds the broker options; the command receives ``conn`` (a Broker) and ``fleet_name``."""
+    for opt in reversed(_MQTT):
+        fn = opt(fn)
+
+    def wrapper(*args: Any, broker: str, username: str | None, password: str | None, ca_file: str | None,
+                **kw: Any) -> Any:
+        from agent.mqtt import Broker
+
+        return fn(*args, conn=Broker.parse(broker, username, password, ca_file), **kw)
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    wrapper.__click_params__ = fn.__click_params__  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _emit(data: Any) -> None:
+    import json
+
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--device", help="Target one device id.")
+@click.option("--group", help="Target a device group.")
+@mqtt_options
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Signing key for the desired state.")
+@click.option("--url", default="", help="Devices download the bundle from this http(s) URL instead of MQTT chunks.")
+@click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A bundle devices may be running: also publish a (smaller) patch against its model. Repeatable.")
+@click.pass_obj
+def publish(s: Settings, bundle: Path, device: str | None, group: str | None, conn: Any, fleet_name: str,
+            key: Path | None, url: str, delta_from: tuple[Path, ...]) -> None:
+    """Publish BUNDLE as resumable chunks and set the signed desired state of a device or group."""
+    from toolkit.publish import publish as do_publish
+    from toolkit.signing import load_key
+
+    res = do_publish(bundle, conn, fleet_name, load_key(key or s.key_path), device=device, group=group, url=url,
+                     delta_from=list(delta_from))
+    click.echo(f"published {res['model']} v{res['version']} ({res['chunks']} chunks, sha256 "
+               f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
+    for base, size in res.get("deltas", {}).items():
+        click.echo(f"  delta against model {base[:12]}…: {size} bytes ({size / res['size']:.1%} of the bundle)")
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option("--port", default=1883, show_default=True, type=int)
+def broker(host: str, port: int) -> None:
+    """Run the embedded MQTT broker (zero set-up; use Mosquitto/EMQX/HiveMQ in production)."""
+    import signal
+
+    from toolkit.broker import EmbeddedBroker
+
+    eb = EmbeddedBroker(host, port).start()
+    click.echo(f"embedded broker on {eb.url} (Ctrl-C to stop)")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        eb.stop()
+
+
+# ---------------------------------------------------------------- rollout
+def _rollouts(s: Settings, conn: Any, fleet_name: str, key: Path | None, fleet_db: Path | None = None):
+    from toolkit.publish import Publisher
+    from toolkit.rollout import Rollouts
+    from toolkit.signing import load_key
+
+    signing = load_key(key or s.key_path)
+    s.home.mkdir(parents=True, exist_ok=True)
+    return Rollouts(s.registry_path, conn, fleet_name, lambda: Publisher(conn, fleet_name, signing),
+                    echo=click.echo, fleet_db=fleet_db or s.home / "fleet.db")
+
+
+def rollout_options(fn: Callable) -> Callable:
+    fn = click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Signing key.")(fn)
+    return mqtt_options(fn)
+
+
+@click.group()
+def rollout() -> None:
+    """Staged rollouts to a device group (state kept in the registry)."""
+
+
+def _show(r: dict[str, Any]) -> None:
+    plan = r["plan"]
+    click.echo(f"rollout {r['id']}: {r['model']} v{r['version']} -> group {r['grp']}: {r['state']} "
+               f"(wave {min(plan['wave'] + 1, len(plan['waves']))}/{len(plan['waves'])})"
+               + (f"\n  {r['error']}" if r.get("error") else ""))
+    for dev, res in sorted(plan["results"].items()):
+        click.echo(f"  {dev:<16} {res}")
+
+
+@rollout.command("start")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--group", required=True)
+@click.option("--canary", default="10%", show_default=True, help="Size of the first wave, e.g. 10%.")
+@click.option("--max-failures", default=0, show_default=True, help="Failures tolerated per wave before halting.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds a wave may take to install.")
+@click.option("--observe", default=0.0, show_default=True,
+              help="Seconds of telemetry to watch after a wave installs (0: install results only).")
+@click.option("--max-error-increase", default=0.02, show_default=True,
+              help="Halt when the wave's error rate exceeds the replaced version's by more than this.")
+@click.option("--max-p95-increase", default=0.25, show_default=True,
+              help="Halt when the wave's p95 latency exceeds the replaced version's by more than this fraction.")
+@click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Extra base bundles for delta patches (bundles in the registry are found automatically).")
+@click.option("--fleet-db", type=click.Path(dir_okay=False, path_type=Path), help="Telemetry database [HOME/fleet.db].")
+@rollout_options
+@click.pass_obj
+def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failures: int, timeout: float,
+                  observe: float, max_error_increase: float, max_p95_increase: float, delta_from: tuple[Path, ...],
+                  fleet_db: Path | None, conn: Any, fleet_name: str, key: Path | None) -> None:
+    """Canary wave, then the rest; halt and roll the wave back when devices fail or get worse."""
+    try:
+        pct = float(canary.rstrip("%"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{canary!r} is not a percentage", param_hint="--canary") from exc
+    r = _rollouts(s, conn, fleet_name, key, fleet_db).start(bundle, group, pct, max_failures, timeout, observe,
+                                                            max_error_increase, max_p95_increase, list(delta_from))
+    _show(r)
+    if r["state"] != "completed":
+        raise ToolkitError(f"rollout {r['id']} {r['state']}")
+
+
+@rollout.command("status")
+@click.argument("rollout_id", type=int, required=False)
+@rollout_options
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rollout_status(s: Settings, rollout_id: int | None, conn: Any, fleet_name: str, key: Path | None,
+                   as_json: bool) -> None:
+    """Show one rollout, or all."""
+    ro = _rollouts(s, conn, fleet_name, key)
+    rows = [ro.get(rollout_id)] if rollout_id else ro.list()
+    if as_json:
+        return _emit(rows)
+    for r in rows:
+        _show(r)
+
+
+@rollout.command("resume")
+@click.argument("rollout_id", type=int)
+@rollout_options
+@click.pass_obj
+def rollout_resume(s: Settings, rollout_id: int, conn: Any, fleet_name: str, key: Path | None) -> None:
+    """Continue a running rollout after the host process stopped."""
+    _show(_rollouts(s, conn, fleet_name, key).resume(rollout_id))
+
+
+@rollout.command("abort")
+@click.argument("rollout_id", type=int)
+@rollout_options
+@click.pass_obj
+def rollout_abort(s: Settings, rollout_id: int, conn: Any, fleet_name: str, key: Path | None) -> None:
+    """Stop a rollout (devices keep what they have)."""
+    _show(_rollouts(s, conn, fleet_name, key).abort(rollout_id))
+
+
+# ---------------------------------------------------------------- fleet
+@click.group()
+def fleet() -> None:
+    """Fleet state and telemetry: devices, collect, status, watch, report."""
+
+
+@fleet.command("devices")
+@mqtt_options
+@click.option("--json", "as_json", is_flag=True)
+def fleet_devices(conn: Any, fleet_name: str, as_json: bool) -> None:
+    """Devices with group, model version, update status, online/offline and last report (live from the broker)."""
+    from toolkit.fleet import devices
+
+    rows = devices(conn, fleet_name)
+    if as_json:
+        return _emit(rows)
+    click.echo(f"{'device':<16} {'group':<12} {'model':<14} {'ver':>4} {'status':<12} {'online':<7} last report")
+    for r in rows:
+        when = time.strftime("%H:%M:%S", time.localtime(r["t"])) if r.get("t") else "-"
+        click.echo(f"{r['device']:<16} {r.get('group') or '-':<12} {r.get('model') or '-':<14} "
+                   f"{r.get('version') or '-':>4} {r.get('status') or '-':<12} "
+                   f"{'yes' if r['online'] else 'no':<7} {when}  {r.get('error') or ''}")
+
+
+_db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
+                          help="Telemetry database [default HOME/fleet.db].")
+
+
+@fleet.command("collect")
+@mqtt_options
+@_db_option
+@click.option("--share", help="Join shared subscription group NAME: run several collectors to split the load.")
+@click.option("--client-id", help="MQTT client id; the broker queues telemetry for it while it is down "
+              "[default: edgeship-collector-HOSTNAME-FLEET(-SHARE)].")
+@click.option("--seconds", type=float, help="Stop after this long [default: until Ctrl-C].")
+@click.pass_obj
+def fleet_collect(s: Settings, conn: Any, fleet_name: str, db_path: Path | None, share: str | None,
+                  client_id: str | None, seconds: float | None) -> None:
+    """Store all telemetry and device state in SQLite (WAL)."""
+    import socket
+
+    from toolkit.collector import Collector
+
+    path = db_path or s.home / "fleet.db"
+    cid = client_id or f"edgeship-collector-{socket.gethostname()}-{fleet_name}" + (f"-{share}" if share else "")
+    col = Collector(conn, fleet_name, path, share, cid).start()
+    click.echo(f"collecting fleet {fleet_name!r} from {conn.host}:{conn.port} into {path}"
+               + (f" (shared group {share})" if share else "") + "; Ctrl-C to stop")
+    try:
+        time.sleep(seconds) if seconds else _forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        col.stop()
+    click.echo(f"stored {col.stored} message(s), rejected {col.rejected}")
+
+
+def _forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+@fleet.command("status")
+@_db_option
+@click.option("--window", default=300.0, show_default=True, help="Seconds of telemetry for p95 and error rate.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def fleet_status(s: Settings, db_path: Path | None, window: float, as_json: bool) -> None:
+    """Device, group, online, model version, p95, error rate, drift, last seen (from the collector's database)."""
+    from toolkit.collector import open_db
+    from toolkit.fleetview import status, table
+
+    db = open_db(db_path or s.home / "fleet.db")
+    try:
+        rows = status(db, window)
+    finally:
+        db.close()
+    _emit(rows) if as_json else click.echo(table(rows))
+
+
+@fleet.command("watch")
+@_db_option
+@click.option("--window", default=300.0, show_default=True)
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.pass_obj
+def fleet_watch(s: Settings, db_path: Path | None, window: float, interval: float) -> None:
+    """Live fleet status, refreshed (run `edgeship fleet collect` alongside). Ctrl-C to stop."""
+    from toolkit.collector import open_db
+    from toolkit.fleetview import status, table
+
+    db = open_db(db_path or s.home / "fleet.db")
+    try:
+        while True:
+            click.clear()
+            click.echo(f"edgeship fleet — {time.strftime('%H:%M:%S')} (every {interval:g}s, Ctrl-C to stop)\n")
+            click.echo(table(status(db, window)))
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        db.close()
+
+
+@fleet.command("report")
+@_db_option
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("fleet-report.html"),
+              show_default=True)
+@click.pass_obj
+def fleet_report(s: Settings, db_path: Path | None, out: Path) -> None:
+    """HTML report: latency per version over time, throughput, errors, rollout progress, drift."""
+    from toolkit.fleetview import write_report
+
+    click.echo(f"report: {write_report(db_path or s.home / 'fleet.db', out)}")
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (publish, broker, rollout, fleet):
+        cli.add_command(cmd)

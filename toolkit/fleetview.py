@@ -1,0 +1,144 @@
+"""Fleet status, live view and HTML report from the collector's SQLite database."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.store import atomic_write
+from toolkit.collector import open_db
+
+HEARTBEAT_MISSES = 3  # a device is offline after this many missed heartbeats
+
+
+def status(db: sqlite3.Connection, window: float = 300, now: float | None = None) -> list[dict[str, Any]]:
+    """One row per device: group, online, model version, p95 and error rate over the last ``window``
+    seconds, drift flag, last seen."""
+    now = now or time.time()
+    rows = {r["device"]: dict(r) for r in db.execute("SELECT * FROM devices")}
+    for r in db.execute("SELECT device, MAX(t) AS t, grp FROM telemetry GROUP BY device"):
+        d = rows.setdefault(r["device"], {"device": r["device"], "grp": r["grp"], "online": None,
+                                          "heartbeat_s": None, "model": None, "version": None, "status": None})
+        d["last_seen"] = max(d.get("last_seen") or 0, r["t"] or 0)
+    out = []
+    for name in sorted(rows):
+        d = rows[name]
+        last = db.execute("SELECT * FROM telemetry WHERE device = ? ORDER BY seq DESC LIMIT 1", (name,)).fetchone()
+        agg = db.execute("SELECT SUM(count), SUM(errors), SUM(p95_ms * count) / NULLIF(SUM(count), 0), MAX(dropped)"
+                         " FROM telemetry WHERE device = ? AND t >= ?", (name, now - window)).fetchone()
+        hb = d.get("heartbeat_s") or 30.0
+        seen = d.get("last_seen") or 0
+        online = bool(d.get("online")) and now - seen <= HEARTBEAT_MISSES * hb
+        n, errs = agg[0] or 0, agg[1] or 0
+        out.append({"device": name, "group": d.get("grp") or (last["grp"] if last else ""), "online": online,
+                    "model": d.get("model") or (last["model"] if last else None),
+                    "version": d.get("version") if d.get("version") is not None else (last["version"] if last else None),
+                    "status": d.get("status"), "requests": n, "error_rate": errs / n if n else None,
+                    "p95_ms": agg[2], "drift": bool(last["drift_flag"]) if last else False,
+                    "max_psi": last["max_psi"] if last else None, "dropped": agg[3] or 0,
+                    "cpu_temp_c": last["cpu_temp_c"] if last else None, "last_seen": seen or None})
+    return out
+
+
+def table(rows: list[dict[str, Any]], now: float | None = None) -> str:
+    now = now or time.time()
+    head = f"{'device':<18} {'group':<10} {'online':<7} {'model':<14} {'p95 ms':>8} {'err %':>6} {'drift':<6} last seen"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        model = f"{r['model'] or '-'}@{r['version']}" if r["version"] is not None else "-"
+        p95 = f"{r['p95_ms']:.2f}" if r["p95_ms"] is not None else "-"
+        err = f"{100 * r['error_rate']:.1f}" if r["error_rate"] is not None else "-"
+        seen = f"{now - r['last_seen']:.0f}s ago" if r["last_seen"] else "never"
+        drift = ("YES" if r["drift"] else "no") if r["max_psi"] is not None else "-"
+        lines.append(f"{r['device']:<18} {r['group'] or '-':<10} {'yes' if r['online'] else 'NO':<7} {model:<14} "
+                     f"{p95:>8} {err:>6} {drift:<6} {seen}")
+    on = sum(r["online"] for r in rows)
+    lines.append(f"{len(rows)} devices, {on} online, {sum(r['drift'] for r in rows)} drifting")
+    return "\n".join(lines)
+
+
+def _img(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def write_report(db_path: Path, out: Path, window: float = 300) -> Path:
+    """HTML with plots: p95 per version over time, throughput, errors, devices per version (rollout
+    progress) and drift."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    db = open_db(db_path)
+    try:
+        rows = status(db, window)
+        tele = db.execute("SELECT device, t, model, version, count, errors, p95_ms, max_psi FROM telemetry "
+                          "ORDER BY t").fetchall()
+    finally:
+        db.close()
+    e = html.escape
+    parts = ["<!doctype html><meta charset='utf-8'><title>edgeship fleet report</title><style>"
+             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}.bad{color:#b00}</style>",
+             f"<h1>Fleet report</h1><p>{len(rows)} devices, {sum(r['online'] for r in rows)} online; "
+             f"{len(tele)} telemetry records; generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+             "<table><tr><th>device</th><th>group</th><th>online</th><th>model</th><th>p95 ms</th>"
+             "<th>error rate</th><th>drift (max PSI)</th><th>dropped</th></tr>"]
+    for r in rows:
+        parts.append(f"<tr><td>{e(r['device'])}</td><td>{e(r['group'] or '')}</td>"
+                     f"<td class={'' if r['online'] else 'bad'}>{'yes' if r['online'] else 'no'}</td>"
+                     f"<td>{e(str(r['model']))}@{r['version']}</td><td>{_f(r['p95_ms'])}</td>"
+                     f"<td>{_f(r['error_rate'], '.2%')}</td><td class={'bad' if r['drift'] else ''}>"
+                     f"{_f(r['max_psi'], '.3f')}</td><td>{r['dropped']}</td></tr>")
+    parts.append("</table>")
+    if tele:
+        t0 = tele[0]["t"]
+        t = np.array([(r["t"] - t0) for r in tele])
+        versions = sorted({(r["model"] or "-", r["version"]) for r in tele}, key=str)
+        fig, axes = plt.subplots(5, 1, figsize=(10, 16), constrained_layout=True)
+        for m, v in versions:
+            sel = [i for i, r in enumerate(tele) if (r["model"] or "-", r["version"]) == (m, v) and r["p95_ms"]]
+            axes[0].plot(t[sel], [tele[i]["p95_ms"] for i in sel], ".", label=f"{m}@{v}")
+        axes[0].set_title("p95 latency (ms) per record, by version")
+        axes[0].legend(fontsize=8)
+        bins = np.linspace(0, max(t.max(), 1.0), 40)
+        which = np.clip(np.digitize(t, bins) - 1, 0, len(bins) - 2)
+        width = bins[1] - bins[0]
+        req = np.bincount(which, weights=[r["count"] for r in tele], minlength=len(bins) - 1)
+        err = np.bincount(which, weights=[r["errors"] for r in tele], minlength=len(bins) - 1)
+        axes[1].bar(bins[:-1], req / width, width=width, align="edge", color="#2a9d8f")
+        axes[1].set_title("fleet throughput (requests/s)")
+        axes[2].bar(bins[:-1], err, width=width, align="edge", color="#e76f51")
+        axes[2].set_title("errors per time bin")
+        for m, v in versions:
+            devs = [len({r["device"] for r, w in zip(tele, which) if w == k and (r["model"] or "-", r["version"]) == (m, v)})
+                    for k in range(len(bins) - 1)]
+            axes[3].plot(bins[:-1], devs, label=f"{m}@{v}")
+        axes[3].set_title("devices reporting each version (rollout progress)")
+        axes[3].legend(fontsize=8)
+        for dev in sorted({r["device"] for r in tele})[:20]:
+            sel = [i for i, r in enumerate(tele) if r["device"] == dev and r["max_psi"] is not None]
+            axes[4].plot(t[sel], [tele[i]["max_psi"] for i in sel], label=dev)
+        axes[4].axhline(0.25, color="#b00", ls="--", lw=1)
+        axes[4].set_title("drift: max PSI per device (dashed: default threshold)")
+        for ax in axes:
+            ax.set_xlabel("seconds since first record")
+            ax.grid(alpha=0.3)
+        parts.append(_img(fig))
+    atomic_write(out, "\n".join(parts).encode())
+    return out
+
+
+def _f(x: Any, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
