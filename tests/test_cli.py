@@ -134,10 +134,21 @@ def test_coral_bundle_is_full_int8_with_uint8_io(make_options, tmp_path, keyring
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """README command 1: `edgeship demo` (quick timing) trains, builds 3 profiles, verifies, classifies."""
+    """README command 1: `edgeship demo` (quick timing) trains, builds 3 profiles, verifies, then runs a
+    local fleet: embedded broker, 4 agent processes, canary rollout, HTTP inference, delta v2, status."""
     res = CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), "demo", "--quick"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "golden max |error|" in res.output
     acc = float(res.output.split("accuracy ")[1].split()[0])
     assert acc > 0.95
     assert len(list((tmp_path / "home" / "demo" / "dist").glob("*.bundle"))) == 3
+    out = res.output
+    assert out.count("via delta") == 4 and "4 devices, 4 online" in out, out[-3000:]
+    assert out.count("digits@2") == 4 and "rollout 2: wave 2: 3 installed, 0 failed" in out
+    http_acc = [float(line.rsplit("accuracy ", 1)[1]) for line in out.splitlines() if "http://" in line and "digits, accuracy" in line]
+    assert len(http_acc) == 4 and min(http_acc) > 0.95
+    assert (tmp_path / "home" / "demo" / "fleet-report.html").is_file()
+    import subprocess
+
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "home" / "demo" / "fleet")], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "agent processes outlived the demo"

@@ -236,3 +236,55 @@ def test_failing_canary_halts_and_rolls_back(tmp_path, broker, keyring, signing_
         for _, link in good:
             link.stop()
         bad_link.stop()
+
+
+def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyring, signing_key, fleet_bundles,
+                                                          digits):
+    """Every device installs v2 fine, but on the canary v2 fails a third of the requests it serves (its
+    callers send the input v1 accepted, reshaped) -> the telemetry verdict halts and rolls it back."""
+    import numpy as np
+
+    from agent.reporter import TelemetryConfig
+
+    with np.load(digits["validation"]) as v:
+        x = v["image"].astype(np.float32)
+    tele = TelemetryConfig(interval=0.3, heartbeat=1.0)
+    agents = [start_agent(tmp_path, n, broker, keyring, group="tg", telemetry=tele) for n in ("g-a", "g-b", "g-c")]
+    stop = threading.Event()
+
+    def traffic(a):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            feed = x[i % 100:][:2]
+            if a.current and a.current.manifest.version == 2 and i % 3 == 0:
+                feed = feed.reshape(2, -1)  # the v2 "regression": this input no longer fits
+            try:
+                a.predict(feed)
+            except Exception:
+                pass
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=traffic, args=(a,), daemon=True) for a, _ in agents]
+    try:
+        for a, link in agents:
+            assert a.install(fleet_bundles["v1"]).ok
+            link._report()
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # baseline telemetry on v1
+        ro = _rollouts(tmp_path, broker, signing_key)
+        ro.fleet_db = tmp_path / "fleet.db"
+        r = ro.start(fleet_bundles["v2"], "tg", canary_pct=34, timeout=60, observe=3.0)
+        assert r["state"] == "halted" and "error rate" in r["error"], r
+        canary = r["plan"]["waves"][0][0]
+        assert r["plan"]["results"][canary] == "rolled-back"
+        by_name = {link.device: a for a, link in agents}
+        end = time.time() + 20
+        while time.time() < end and by_name[canary].current.manifest.version != 1:
+            time.sleep(0.1)
+        assert all(a.current.manifest.version == 1 for a, _ in agents)
+    finally:
+        stop.set()
+        for _, link in agents:
+            link.stop()

@@ -68,7 +68,7 @@ def parse(topic: str, payload: bytes) -> tuple[str, tuple] | None:
     """A stored row for one message: ("telemetry" | "reported" | "presence", values). ValueError if malformed."""
     parts = topic.split("/")
     if len(parts) != 6 or parts[3] != "device":
-        raise ValueError("not a device topic")
+        return None  # not ours (some brokers, e.g. amqtt, deliver more than the filters match)
     device, kind = parts[4], parts[5]
     if not payload:
         return None  # a cleared retained message

@@ -83,3 +83,19 @@ def mobilenet_v2(input_size: int = 224, classes: int = 1000) -> Any:
     keras.utils.set_random_seed(0)
     return keras.applications.MobileNetV2(input_shape=(input_size, input_size, 3), weights=None,
                                           classes=classes)
+
+
+def retrain_head(src: str | Path, dst: str | Path, epochs: int = 8, seed: int = 1) -> Path:
+    """Version 2 of a digits model: only the classifier head ('probs') is trained further, the body is
+    frozen — the usual field update, and the case delta updates are made for."""
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    model = keras.models.load_model(src)
+    for layer in model.layers:
+        layer.trainable = layer.name == "probs"
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    data = digits_data()
+    model.fit(data["x_train"], data["y_train"], epochs=epochs, batch_size=32, verbose=0)
+    model.save(dst)
+    return Path(dst)

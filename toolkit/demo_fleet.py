@@ -1,0 +1,163 @@
+"""The fleet half of `edgeship demo`: embedded broker, several agent processes, staged rollouts
+(canary first), inference over the agents' HTTP API, telemetry, and a delta update.
+
+Every agent is a real `edgeship-agent run` process with its own state dir, configured as a
+Raspberry Pi 4 (aarch64) so it accepts the rpi4-arm64 bundle (the .tflite runs the same here).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+FLEET, GROUP = "demo", "demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcs:
+    """N agent processes; stopped (terminate, then kill) by ``stop`` — call it in a finally."""
+
+    def __init__(self, folder: Path, keyring: Path, broker_url: str, n: int):
+        self.folder, self.procs, self.ports = folder, {}, {}
+        for i in range(1, n + 1):
+            name = f"pi-{i:02d}"
+            conf = folder / f"{name}.toml"
+            conf.write_text(f'[agent]\nstate_dir = "{folder / name}"\nkeyring = "{keyring}"\ndevice_id = "{name}"\n'
+                            f'arch = "aarch64"\n[http]\nport = 0\n[mqtt]\nbroker = "{broker_url}"\n'
+                            f'fleet = "{FLEET}"\ngroup = "{GROUP}"\nheartbeat = 5\n[telemetry]\ninterval = 1\n')
+            log = open(folder / f"{name}.log", "wb")
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(conf)],
+                                                stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        end = time.time() + timeout
+        for name in self.procs:
+            while name not in self.ports:
+                text = (self.folder / f"{name}.log").read_text(errors="replace")
+                for line in text.splitlines():
+                    if " on http://" in line and "serving" in line:
+                        self.ports[name] = int(line.rsplit(":", 1)[1].strip().rstrip("/"))
+                if self.procs[name].poll() is not None or time.time() > end:
+                    raise RuntimeError(f"agent {name} did not start; see {self.folder / f'{name}.log'}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def infer(port: int, model: str, x: np.ndarray) -> np.ndarray:
+    body = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer", body,
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        out = json.loads(resp.read())["outputs"][0]
+    return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+
+def run_fleet(workdir: Path, keyring: Path, registry: Path, key, v1: Path, build_v2: Callable[[], Path],
+              x: np.ndarray, y: np.ndarray, echo: Callable[[str], None], agents: int = 4) -> dict:
+    from agent.bundle import inspect_bundle
+    from agent.mqtt import Broker
+    from toolkit.broker import EmbeddedBroker
+    from toolkit.collector import Collector, open_db
+    from toolkit.fleet import devices
+    from toolkit.fleetview import status, table, write_report
+    from toolkit.publish import Publisher
+    from toolkit.rollout import Rollouts
+
+    folder = workdir / "fleet"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    eb = EmbeddedBroker("127.0.0.1", _free_port()).start()
+    broker = Broker.parse(eb.url)
+    fleet_db = folder / "fleet.db"
+    procs = AgentProcs(folder, keyring, eb.url, agents)
+    col = None
+    stop = threading.Event()
+    try:
+        echo(f"    embedded MQTT broker on {eb.url}; {agents} agent processes (logs in {folder})")
+        procs.wait_ready()
+        col = Collector(broker, FLEET, fleet_db).start()
+        end = time.time() + 30
+        while len([d for d in devices(broker, FLEET, wait=0.5) if d.get("online")]) < agents and time.time() < end:
+            pass
+        ro = Rollouts(registry, broker, FLEET, lambda: Publisher(broker, FLEET, key), wait=0.5,
+                      echo=lambda m: echo(f"    {m}"), fleet_db=folder / "rollout-telemetry.db")
+        echo(f"5/7 rollout of {v1.name}: canary wave (25%), then the rest")
+        r1 = ro.start(v1, GROUP, canary_pct=25, timeout=120)
+        if r1["state"] != "completed":
+            raise RuntimeError(f"rollout 1 {r1['state']}: {r1.get('error')}")
+        model = inspect_bundle(v1)[0]["name"]
+        echo("6/7 classifying held-out digits through each agent's HTTP API (Open Inference Protocol v2)")
+        parts = np.array_split(np.arange(len(x)), agents)
+        correct = 0
+        for (name, port), idx in zip(procs.ports.items(), parts):
+            pred = infer(port, model, x[idx]).argmax(1)
+            correct += int((pred == y[idx]).sum())
+            echo(f"    {name} (http://127.0.0.1:{port}): {len(idx)} digits, accuracy {np.mean(pred == y[idx]):.4f}")
+        acc = correct / len(x)
+
+        def traffic() -> None:  # steady requests, so telemetry has something to compare
+            i = 0
+            while not stop.is_set():
+                for port in procs.ports.values():
+                    try:
+                        infer(port, model, x[i % (len(x) - 4):][:4])
+                    except OSError:
+                        pass
+                i += 4
+                time.sleep(0.02)
+
+        threading.Thread(target=traffic, daemon=True).start()
+        echo("7/7 version 2: retrain only the classifier head, build, roll out as a delta update")
+        v2 = build_v2()
+        r2 = ro.start(v2, GROUP, canary_pct=25, timeout=120, observe=4.0)
+        if r2["state"] != "completed":
+            raise RuntimeError(f"rollout 2 {r2['state']}: {r2.get('error')}")
+        reports = devices(broker, FLEET, wait=1.0)
+        moved = [d for d in reports if d.get("transfer")]
+        size = v2.stat().st_size
+        for d in moved:
+            t = d["transfer"]
+            echo(f"    {d['device']}: v{d['version']} via {t['mode']}, {t['bytes']} of {size} bundle bytes "
+                 f"({t['bytes'] / size:.1%})")
+        time.sleep(2.5)  # one more telemetry round
+        db = open_db(fleet_db)
+        try:
+            echo(table(status(db, window=120)))
+        finally:
+            db.close()
+        report = write_report(fleet_db, workdir / "fleet-report.html")
+        echo(f"fleet report: {report}")
+        return {"accuracy": acc, "rollouts": [r1["state"], r2["state"]],
+                "transfers": {d["device"]: d["transfer"] for d in moved}, "bundle_bytes": size}
+    finally:
+        stop.set()
+        if col is not None:
+            col.stop()
+        procs.stop()
+        eb.stop()
