@@ -47,7 +47,7 @@ class FleetLink:
         self.transfer: dict[str, Any] = {}
         self.status, self.error = "idle", ""
         self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
-        self.reporter = Reporter(self, telemetry) if telemetry and telemetry.interval > 0 else None
+        self.reporter = Reporter(self, telemetry) if telemetry else None  # telemetry + heartbeat
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -231,7 +231,7 @@ class FleetLink:
             meta = idx.get("delta")
             if (not isinstance(meta, dict) or meta.get("target_sha256") != d.sha256
                     or meta.get("target_size") != d.size or meta.get("base_sha256") != p["base"]
-                    or meta.get("codec") != delta.CODEC):
+                    or meta.get("codec") != delta.CODEC or not isinstance(meta.get("window_log"), int)):
                 raise ProtocolError(f"{topic}: delta index does not match the desired bundle")
         elif idx.get("sha256") != d.sha256 or idx.get("size") != d.size:
             raise ProtocolError(f"{topic}: index does not match the desired bundle")
@@ -249,6 +249,7 @@ class FleetLink:
         folder = self._folder()
         folder.mkdir(exist_ok=True)
         missing = [i for i, h in enumerate(chunks) if not self._have(folder, i, h)]
+        p["missing"] = set(missing)
         if not missing:
             self._assemble()
             return
@@ -270,14 +271,16 @@ class FleetLink:
         if not p or not p.get("index") or not topic.startswith(f"{p['prefix']}/chunk/"):
             return  # late duplicate, or a chunk of another transfer
         i = int(topic.rsplit("/", 1)[1])
-        chunks = p["index"]["chunks"]
-        if not 0 <= i < len(chunks) or hashlib.sha256(payload).hexdigest() != chunks[i]:
+        if i not in p["missing"]:
+            return  # a duplicate of a chunk we already stored (or not a chunk of this bundle)
+        if hashlib.sha256(payload).hexdigest() != p["index"]["chunks"][i]:
             log.warning("%s: chunk hash mismatch, waiting for a good copy", topic)
             return
         folder = self._folder()
-        atomic_write(folder / f"{i}.chunk", payload)
+        atomic_write(folder / f"{i}.chunk", payload, durable=False)  # re-checked by hash on resume
         self.client.unsubscribe(topic)
-        if all((folder / f"{k}.chunk").is_file() for k in range(len(chunks))):
+        p["missing"].discard(i)
+        if not p["missing"]:
             self._assemble()
 
     def _assemble(self) -> None:
@@ -285,19 +288,21 @@ class FleetLink:
         assert p is not None
         d: Desired = p["desired"]
         idx, folder = p["index"], self._folder()
-        data = b"".join((folder / f"{k}.chunk").read_bytes() for k in range(len(idx["chunks"])))
-        if hashlib.sha256(data).hexdigest() != idx["sha256"]:
+        bundle = self.dir / f"{d.sha256}.bundle"
+        h = hashlib.sha256()
+        with open(bundle if not p["base"] else folder / "patch", "wb") as out:  # streamed: no bundle-sized buffer
+            for k in range(len(idx["chunks"])):
+                data = (folder / f"{k}.chunk").read_bytes()
+                h.update(data)
+                out.write(data)
+        if h.hexdigest() != idx["sha256"]:
             shutil.rmtree(folder, ignore_errors=True)
+            bundle.unlink(missing_ok=True)
             raise ProtocolError(f"bundle {d.sha256[:12]}: assembled file does not match its hash")
         mode = "full"
         if p["base"]:
-            cur = self.agent.current
             try:
-                if cur is None or cur.manifest.file(cur.manifest.model_file).sha256 != p["base"]:
-                    raise delta.DeltaError("the model the patch is based on is no longer active")
-                base = (self.agent.store.slot(cur.slot) / cur.manifest.model_file).read_bytes()
-                meta = idx["delta"]
-                data = delta.apply_patch(base, data, d.sha256, d.size, int(meta.get("window_log", 0)))
+                self._apply_delta(p, folder / "patch", bundle)
                 mode = "delta"
             except (delta.DeltaError, OSError, ValueError) as exc:
                 log.warning("bundle %s: %s; falling back to the full bundle", d.sha256[:12], exc)
@@ -305,10 +310,17 @@ class FleetLink:
                 p.update(base=None, index=None, no_delta=True, prefix=bundle_topic(self.fleet, d.sha256))
                 self.client.subscribe(f"{p['prefix']}/index", qos=1)
                 return
-        bundle = self.dir / f"{d.sha256}.bundle"
-        atomic_write(bundle, data)
         self.transfer = {"mode": mode, "bytes": self.rx_bytes, "bundle_bytes": d.size}
         self._install(d, bundle)
+
+    def _apply_delta(self, p: dict[str, Any], patch: Path, bundle: Path) -> None:
+        d: Desired = p["desired"]
+        cur = self.agent.current
+        if cur is None or cur.manifest.file(cur.manifest.model_file).sha256 != p["base"]:
+            raise delta.DeltaError("the model the patch is based on is no longer active")
+        base = (self.agent.store.slot(cur.slot) / cur.manifest.model_file).read_bytes()
+        data = delta.apply_patch(base, patch.read_bytes(), d.sha256, d.size, int(p["index"]["delta"]["window_log"]))
+        atomic_write(bundle, data, durable=False)  # verified again by the install engine
 
     def _install(self, d: Desired, bundle: Path) -> None:
         self.status = "installing"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ssl
+import threading
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 from agent.errors import AgentError
@@ -43,3 +45,32 @@ def make_client(client_id: str, broker: Broker, clean_session: bool = True):
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
     return c
+
+
+def connect_blocking(client: Any, broker: Broker, timeout: float = 15.0) -> None:
+    """Connect, start the network loop and wait for the broker's answer (for host tools: a wrong port,
+    TLS mismatch or bad credentials is an error, not an empty result). The agent connects asynchronously."""
+    answered, result = threading.Event(), {}
+    chained = client.on_connect
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        result["reason"] = reason
+        answered.set()
+        if chained is not None:
+            chained(c, userdata, flags, reason, props)
+
+    client.on_connect = on_connect
+    where = f"broker {broker.host}:{broker.port}"
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:  # includes ssl.SSLError
+        raise AgentError(f"cannot reach {where} ({exc})") from exc
+    client.loop_start()
+    if not answered.wait(timeout):
+        client.loop_stop()
+        raise AgentError(f"{where} did not answer the MQTT connect within {timeout:g} s "
+                         f"(wrong port, or {'plain MQTT to a TLS' if not broker.tls else 'TLS to a plain'} listener?)")
+    if getattr(result["reason"], "is_failure", False):
+        client.disconnect()
+        client.loop_stop()
+        raise AgentError(f"{where} refused the connection: {result['reason']} (check username/password)")

@@ -25,8 +25,8 @@ BATCH = 100
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    interval: float = 10.0  # seconds between records (0: no telemetry)
-    heartbeat: float = 30.0  # seconds between presence refreshes
+    interval: float = 10.0  # seconds between records (0: no telemetry records, heartbeat only)
+    heartbeat: float = 30.0  # seconds between presence refreshes (0: presence only on connect / last will)
     queue_max: int = 10_000  # records kept while the broker is unreachable (oldest dropped first)
     drift_psi: float = 0.25  # PSI above which drift is flagged
     drift_every: int = 1  # bin every Nth request's inputs
@@ -58,7 +58,7 @@ class Reporter:
 
     def presence(self) -> bytes:
         return json.dumps({"v": VERSION, "type": "presence", "online": True, "t": time.time(),
-                           "heartbeat_s": self.cfg.heartbeat}).encode()
+                           "heartbeat_s": self.cfg.heartbeat or None}).encode()
 
     def record(self) -> dict[str, Any]:
         agent, link = self.link.agent, self.link
@@ -100,10 +100,11 @@ class Reporter:
         return sent
 
     def _loop(self) -> None:
-        next_rec = time.monotonic() + self.cfg.interval
-        next_beat = time.monotonic() + self.cfg.heartbeat
+        inf = float("inf")
+        next_rec = time.monotonic() + self.cfg.interval if self.cfg.interval > 0 else inf
+        next_beat = time.monotonic() + self.cfg.heartbeat if self.cfg.heartbeat > 0 else inf
         while not self._stop.is_set():
-            self._wake.wait(max(0.0, min(next_rec, next_beat) - time.monotonic()))
+            self._wake.wait(min(3600.0, max(0.0, min(next_rec, next_beat) - time.monotonic())))
             self._wake.clear()
             if self._stop.is_set():
                 break

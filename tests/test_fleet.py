@@ -275,15 +275,15 @@ def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyri
         time.sleep(2.0)  # baseline telemetry on v1
         ro = _rollouts(tmp_path, broker, signing_key)
         ro.fleet_db = tmp_path / "fleet.db"
-        r = ro.start(fleet_bundles["v2"], "tg", canary_pct=34, timeout=60, observe=3.0)
+        r = ro.start(fleet_bundles["v2"], "tg", canary_pct=33, timeout=60, observe=3.0)
         assert r["state"] == "halted" and "error rate" in r["error"], r
+        assert len(r["plan"]["waves"][0]) == 1 and len(r["plan"]["waves"]) == 2
         canary = r["plan"]["waves"][0][0]
         assert r["plan"]["results"][canary] == "rolled-back"
-        by_name = {link.device: a for a, link in agents}
         end = time.time() + 20
-        while time.time() < end and by_name[canary].current.manifest.version != 1:
+        while time.time() < end and any(a.current.manifest.version != 1 for a, _ in agents):
             time.sleep(0.1)
-        assert all(a.current.manifest.version == 1 for a, _ in agents)
+        assert all(a.current.manifest.version == 1 for a, _ in agents), [(l.device, a.current.manifest.version, l.status, l.error) for a, l in agents]
     finally:
         stop.set()
         for _, link in agents:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.mqtt import Broker, make_client
+from agent.mqtt import Broker, connect_blocking, make_client
 from agent.protocol import PREFIX
 from toolkit.errors import ToolkitError
 
@@ -135,12 +135,8 @@ class Collector:
         self._writer = threading.Thread(target=self._write, name="edgeship-collector", daemon=True)
 
     def start(self) -> "Collector":
+        connect_blocking(self.client, self.broker)
         self._writer.start()
-        try:
-            self.client.connect(self.broker.host, self.broker.port, keepalive=30)
-        except OSError as exc:
-            raise ToolkitError(f"cannot reach broker {self.broker.host}:{self.broker.port} ({exc})") from exc
-        self.client.loop_start()
         return self
 
     def stop(self) -> None:

@@ -7,9 +7,8 @@ import threading
 import time
 from typing import Any
 
-from agent.mqtt import Broker, make_client
+from agent.mqtt import Broker, connect_blocking, make_client
 from agent.protocol import PREFIX
-from toolkit.errors import ToolkitError
 
 
 def devices(broker: Broker, fleet: str, wait: float = 1.5) -> list[dict[str, Any]]:
@@ -35,12 +34,8 @@ def devices(broker: Broker, fleet: str, wait: float = 1.5) -> list[dict[str, Any
 
     client = make_client(f"edgeship-fleet-{time.time_ns()}", broker)
     client.on_message = on_message
-    try:
-        client.connect(broker.host, broker.port, keepalive=30)
-    except OSError as exc:
-        raise ToolkitError(f"cannot reach broker {broker.host}:{broker.port} ({exc})") from exc
+    connect_blocking(client, broker)
     client.subscribe([(f"{PREFIX}/{fleet}/device/+/reported", 1), (f"{PREFIX}/{fleet}/device/+/presence", 1)])
-    client.loop_start()
     time.sleep(wait)
     client.disconnect()
     client.loop_stop()

@@ -31,9 +31,9 @@ def status(db: sqlite3.Connection, window: float = 300, now: float | None = None
         last = db.execute("SELECT * FROM telemetry WHERE device = ? ORDER BY seq DESC LIMIT 1", (name,)).fetchone()
         agg = db.execute("SELECT SUM(count), SUM(errors), SUM(p95_ms * count) / NULLIF(SUM(count), 0), MAX(dropped)"
                          " FROM telemetry WHERE device = ? AND t >= ?", (name, now - window)).fetchone()
-        hb = d.get("heartbeat_s") or 30.0
+        hb = d.get("heartbeat_s")  # None: no heartbeat, presence comes from connect + last will only
         seen = d.get("last_seen") or 0
-        online = bool(d.get("online")) and now - seen <= HEARTBEAT_MISSES * hb
+        online = bool(d.get("online")) and (not hb or now - seen <= HEARTBEAT_MISSES * hb)
         n, errs = agg[0] or 0, agg[1] or 0
         out.append({"device": name, "group": d.get("grp") or (last["grp"] if last else ""), "online": online,
                     "model": d.get("model") or (last["model"] if last else None),

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from agent.bundle import inspect_bundle
-from agent.mqtt import Broker, make_client
+from agent.mqtt import Broker, connect_blocking, make_client
 from agent import delta
 from agent.protocol import bundle_topic, chunk_index, delta_topic, desired_doc, device_topic, group_topic, sign_message
 from toolkit.errors import BundleError, ToolkitError
@@ -24,16 +23,7 @@ class Publisher:
     def __init__(self, broker: Broker, fleet: str, key: SigningKey, timeout: float = 120):
         self.broker, self.fleet, self.key, self.timeout = broker, fleet, key, timeout
         self.client = make_client(f"edgeship-publisher-{time.time_ns()}", broker)
-        connected = threading.Event()
-        self.client.on_connect = lambda c, u, f, r, p=None: connected.set()
-        try:
-            self.client.connect(broker.host, broker.port, keepalive=30)
-        except OSError as exc:
-            raise ToolkitError(f"cannot reach broker {broker.host}:{broker.port} ({exc})") from exc
-        self.client.loop_start()
-        if not connected.wait(timeout):
-            self.close()
-            raise ToolkitError(f"broker {broker.host}:{broker.port} did not accept the connection")
+        connect_blocking(self.client, broker, min(timeout, 15.0))
 
     def close(self) -> None:
         self.client.disconnect()
