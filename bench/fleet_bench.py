@@ -92,6 +92,50 @@ def make_models(work: Path, home: Path) -> dict[str, Path]:
     return out
 
 
+def mobilenet_delta(work: Path, home: Path) -> dict:
+    """Delta of a transfer-learning update: MobileNetV2 backbone (weights=None) + 10-class head, v2 with
+    only the head's weights changed; both built as full int8 for rpi4-arm64."""
+    import numpy as np
+
+    from agent.delta import make_patch
+    from toolkit.build import BuildOptions, build
+    from toolkit.measure import LatencyConfig
+    from toolkit.profiles import find_profile, search_dirs
+    from toolkit.publish import base_model
+    from toolkit.signing import load_or_create
+    from toolkit.tfenv import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), weights=None, include_top=False, pooling="avg")
+    out = keras.layers.Dense(10, activation="softmax", name="head")(base.output)
+    m = keras.Model(base.input, out, name="mnv2_10")
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 224, 224, 3), dtype=np.float32)
+    name = m.inputs[0].name.split(":")[0]
+    np.savez(work / "mcal.npz", **{name: x[:8]})
+    np.savez(work / "mval.npz", **{name: x[8:]})
+    key = load_or_create(home / "keys" / "signing.pem")
+    bundles = []
+    for v in (1, 2):
+        if v == 2:
+            w, b = m.get_layer("head").get_weights()
+            m.get_layer("head").set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype), b + 0.01])
+        (work / f"m{v}").mkdir()
+        m.save(work / f"m{v}" / "mnv2_10.keras")
+        opts = BuildOptions(model=work / f"m{v}" / "mnv2_10.keras", profiles=[find_profile("rpi4-arm64", search_dirs())],
+                            validation=work / "mval.npz", calibration=work / "mcal.npz", out_dir=work / f"mdist{v}",
+                            key=key, version=v, variant="int8",
+                            latency=LatencyConfig(runs=3, seconds=0.02, warmup_runs=1, warmup_seconds=0.01,
+                                                  gate=False))
+        bundles.append(build(opts).profiles[0].bundle)
+    new = bundles[1].read_bytes()
+    patch = make_patch(base_model(bundles[0]), new)["patch"]
+    res = {"bundle_bytes": len(new), "patch_bytes": len(patch), "delta_over_full": round(len(patch) / len(new), 4)}
+    print(f"MobileNetV2 + 10-class head, head-only change: {res}", flush=True)
+    return res
+
+
 def rollout(n: int, bundles: dict[str, Path], key, broker_dir: Path) -> dict:
     from agent.mqtt import Broker, make_client
     from mosquitto import Mosquitto
@@ -161,6 +205,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, nargs="+", default=[200, 500])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-fleet.json")
+    ap.add_argument("--skip-mobilenet", action="store_true", help="Skip the MobileNetV2 head-only delta.")
     args = ap.parse_args()
     from toolkit.signing import load_or_create
 
@@ -168,6 +213,8 @@ def main() -> None:
     bundles = make_models(work, work / "home")
     key = load_or_create(work / "home" / "keys" / "signing.pem")
     results = {"bundle_v1_bytes": bundles["v1"].stat().st_size, "runs": []}
+    if not args.skip_mobilenet:
+        results["mobilenet_head_delta"] = mobilenet_delta(work, work / "home")
     for n in args.devices:
         d = Path(tempfile.mkdtemp(prefix="edgeship-mosq-bench-"))
         results["runs"].append(rollout(n, bundles, key, d))
