@@ -1,8 +1,9 @@
-"""Delta updates: a new bundle as a zstd patch against the model file the device already runs.
+"""Delta updates: a new bundle as a zstd patch against the bundle the device already runs.
 
-The patch is the new bundle compressed by zstd with the old model file as a raw-content dictionary
-(like ``zstd --patch-from``), so when only a model's head changed the patch is a small fraction of
-the bundle. The device rebuilds the full bundle and checks it against the signed bundle hash; a
+The base is the content of the installed bundle's files (model, golden set, ...) concatenated in
+manifest order — the device has them in its active slot, the host in the old bundle. The patch is the
+new bundle compressed by zstd with that base as a raw-content dictionary (like ``zstd --patch-from``),
+so when only a model's head changed the patch is a small fraction of the bundle. The device rebuilds the full bundle and checks it against the signed bundle hash; a
 patch that fails to apply or does not reproduce that hash is dropped for the full bundle.
 
 zstandard is optional on the device: without it the agent simply never asks for deltas.
@@ -11,7 +12,7 @@ zstandard is optional on the device: without it the agent simply never asks for 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable
 
 from agent.errors import AgentError
 
@@ -30,6 +31,11 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def base_content(read: Callable[[str], bytes], files: list[str]) -> bytes:
+    """The patch base: the bundle's files (manifest order, without the manifest itself) concatenated."""
+    return b"".join(read(path) for path in files)
 
 
 def _window_log(base_size: int, new_size: int) -> int:

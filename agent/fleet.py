@@ -213,13 +213,21 @@ class FleetLink:
         self.rx_bytes = 0
 
     def _delta_base(self, idx: dict[str, Any]) -> str | None:
-        """The sha256 of our model file when the index offers a patch against it (and we can apply one)."""
+        """The hash of our patch base when the index offers a patch against it (and we can apply one)."""
         cur = self.agent.current
         if cur is None or self.pending is None or self.pending["no_delta"] or not delta.available():
             return None
-        sha = cur.manifest.file(cur.manifest.model_file).sha256
         offered = idx.get("deltas")
-        return sha if isinstance(offered, list) and sha in offered else None
+        if not isinstance(offered, list) or not offered:
+            return None
+        sha = hashlib.sha256(self._base_content()).hexdigest()
+        return sha if sha in offered else None
+
+    def _base_content(self) -> bytes:
+        cur = self.agent.current
+        assert cur is not None
+        folder = self.agent.store.slot(cur.slot)
+        return delta.base_content(lambda p: (folder / p).read_bytes(), [f.path for f in cur.manifest.files])
 
     def _on_index(self, topic: str, payload: bytes) -> None:
         p = self.pending
@@ -315,10 +323,11 @@ class FleetLink:
 
     def _apply_delta(self, p: dict[str, Any], patch: Path, bundle: Path) -> None:
         d: Desired = p["desired"]
-        cur = self.agent.current
-        if cur is None or cur.manifest.file(cur.manifest.model_file).sha256 != p["base"]:
-            raise delta.DeltaError("the model the patch is based on is no longer active")
-        base = (self.agent.store.slot(cur.slot) / cur.manifest.model_file).read_bytes()
+        if self.agent.current is None:
+            raise delta.DeltaError("no active bundle to apply the patch to")
+        base = self._base_content()
+        if hashlib.sha256(base).hexdigest() != p["base"]:
+            raise delta.DeltaError("the bundle the patch is based on is no longer active")
         data = delta.apply_patch(base, patch.read_bytes(), d.sha256, d.size, int(p["index"]["delta"]["window_log"]))
         atomic_write(bundle, data, durable=False)  # verified again by the install engine
 

@@ -101,7 +101,7 @@ def mobilenet_delta(work: Path, home: Path) -> dict:
     from toolkit.build import BuildOptions, build
     from toolkit.measure import LatencyConfig
     from toolkit.profiles import find_profile, search_dirs
-    from toolkit.publish import base_model
+    from toolkit.publish import base_content
     from toolkit.signing import load_or_create
     from toolkit.tfenv import import_keras
 
@@ -130,7 +130,7 @@ def mobilenet_delta(work: Path, home: Path) -> dict:
                                                   gate=False))
         bundles.append(build(opts).profiles[0].bundle)
     new = bundles[1].read_bytes()
-    patch = make_patch(base_model(bundles[0]), new)["patch"]
+    patch = make_patch(base_content(bundles[0]), new)["patch"]
     res = {"bundle_bytes": len(new), "patch_bytes": len(patch), "delta_over_full": round(len(patch) / len(new), 4)}
     print(f"MobileNetV2 + 10-class head, head-only change: {res}", flush=True)
     return res

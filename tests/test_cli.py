@@ -152,3 +152,33 @@ def test_demo_runs_end_to_end(tmp_path):
 
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "home" / "demo" / "fleet")], capture_output=True, text=True)
     assert left.stdout.strip() == "", "agent processes outlived the demo"
+
+
+def test_demo_stops_its_processes_on_ctrl_c(tmp_path):
+    """Ctrl-C while the demo's fleet is running: the agents and the broker go away with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "home"
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "--home", str(home), "demo", "--quick"],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    fleet = home / "demo" / "fleet"
+    try:
+        end = time.time() + 240
+        while time.time() < end and "rollout 1: wave 1" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        running = subprocess.run(["pgrep", "-f", str(fleet)], capture_output=True, text=True).stdout.split()
+        assert len(running) == 4, log.read_text()[-2000:]  # the 4 agents are up
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = subprocess.run(["pgrep", "-f", str(fleet)], capture_output=True, text=True).stdout.split()
+    assert left == [], "agent processes outlived the demo"

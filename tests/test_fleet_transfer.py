@@ -1,5 +1,5 @@
 """Bundle transfer faults on a real Mosquitto: deltas (and their fallback), duplicate and out-of-order
-chunks, an agent killed mid-install."""
+chunks, an agent killed mid-transfer and mid-install, a stale (replayed) retained desired state."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from agent.mqtt import Broker, make_client
 from agent.protocol import bundle_topic, chunk_index, delta_topic
 from conftest import ROOT
 from fleethelp import Watcher, needs_mosquitto, start_agent
-from toolkit.publish import Publisher, base_model, publish
+from toolkit.publish import Publisher, base_content, publish
 
 pytestmark = needs_mosquitto
 
@@ -55,7 +55,7 @@ def test_corrupt_patch_falls_back_to_the_full_bundle(tmp_path, broker, keyring, 
         publish(fleet_bundles["v1"], b, "test", signing_key, device="pi-c")
         assert w.wait(lambda r: r.get("pi-c", {}).get("version") == 1), w.reports
         v2 = fleet_bundles["v2"].read_bytes()
-        sha, base = hashlib.sha256(v2).hexdigest(), hashlib.sha256(base_model(fleet_bundles["v1"])).hexdigest()
+        sha, base = hashlib.sha256(v2).hexdigest(), hashlib.sha256(base_content(fleet_bundles["v1"])).hexdigest()
         pub = Publisher(b, "test", signing_key)
         info = pub.upload(fleet_bundles["v2"], [fleet_bundles["v1"]])
         # replace the patch with a well-formed zstd frame of the wrong content (chunk hashes match it)
@@ -133,4 +133,75 @@ def test_agent_killed_mid_install_converges_after_restart(tmp_path, broker, sett
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        w.stop()
+
+
+def test_stale_retained_desired_state_is_ignored(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    """An older signed desired state replayed as the retained message (or left behind by a broker) must not
+    downgrade a device, neither live nor after the agent restarts."""
+    from agent.protocol import device_topic
+
+    b = Broker.parse(broker.url)
+    topic = device_topic("test", "pi-s", "desired")
+    grab = _raw(broker, "grab")
+    old: list[bytes] = []
+    grab.on_message = lambda c, u, m: old.append(m.payload)
+    w = Watcher(broker)
+    a, link = start_agent(tmp_path, "pi-s", broker, keyring)
+    try:
+        publish(fleet_bundles["v1"], b, "test", signing_key, device="pi-s")
+        grab.subscribe(topic, 1)
+        assert w.wait(lambda r: r.get("pi-s", {}).get("version") == 1), w.reports
+        assert old, "the retained v1 desired state was not captured"
+        publish(fleet_bundles["v2"], b, "test", signing_key, device="pi-s")
+        assert w.wait(lambda r: r.get("pi-s", {}).get("version") == 2), w.reports
+        grab.publish(topic, old[0], qos=1, retain=True).wait_for_publish(5)  # replay of the signed v1 state
+        time.sleep(1.5)
+        assert a.current.manifest.version == 2
+        link.stop()
+        a, link = start_agent(tmp_path, "pi-s", broker, keyring)  # restart: the stale state is retained
+        time.sleep(2.0)
+        assert a.current.manifest.version == 2 and w.reports["pi-s"]["status"] != "failed"
+    finally:
+        link.stop()
+        grab.loop_stop()
+        w.stop()
+
+
+def test_agent_killed_mid_transfer_resumes_with_the_missing_chunks(tmp_path, broker, settings, signing_key,
+                                                                    fleet_bundles):
+    """kill -9 after half of the chunks are on disk; after a restart only the other half is fetched."""
+    from agent.protocol import desired_doc, device_topic, sign_message
+
+    data = fleet_bundles["v2"].read_bytes()
+    idx = chunk_index(data, chunk_size=4096)
+    prefix = bundle_topic("test", idx["sha256"])
+    cs, n = idx["chunk_size"], len(idx["chunks"])
+    host = _raw(broker, "host-kill")
+    w = Watcher(broker)
+    host.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True).wait_for_publish(5)
+    for i in range(n // 2):
+        host.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1, retain=True).wait_for_publish(5)
+    doc = desired_doc("digits", 2, idx["sha256"], len(data), "device:pi-m")
+    host.publish(device_topic("test", "pi-m", "desired"), sign_message(doc, signing_key.key_id, signing_key.sign),
+                 qos=1, retain=True).wait_for_publish(5)
+    proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-m")
+    folder = tmp_path / "pi-m" / "downloads" / idx["sha256"]
+    try:
+        end = time.time() + 60
+        while time.time() < end and len(list(folder.glob("*.chunk"))) < n // 2:
+            time.sleep(0.1)
+        assert len(list(folder.glob("*.chunk"))) == n // 2
+        proc.kill()  # SIGKILL mid-transfer
+        proc.wait(30)
+        for i in range(n // 2, n):
+            host.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1, retain=True).wait_for_publish(5)
+        proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-m")
+        assert w.wait(lambda r: r.get("pi-m", {}).get("version") == 2, 60), w.reports
+        t = w.reports["pi-m"]["transfer"]
+        assert t["mode"] == "full" and t["bytes"] < 0.6 * len(data) + 2 * len(json.dumps(idx)), t
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        host.loop_stop()
         w.stop()

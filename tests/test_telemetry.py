@@ -170,3 +170,50 @@ def test_drift_flag_on_shifted_inputs_only(tmp_path, keyring, fleet_bundles, dig
     bad = a.current.drift.snapshot()
     assert bad["flag"] is True and bad["max_psi"] > bad["threshold"], bad
     assert bad["inputs"][0]["mean_shift_std"] > ok["inputs"][0]["mean_shift_std"]
+
+
+def test_offline_after_missed_heartbeats_and_watch(tmp_path):
+    """Presence says online, but no heartbeat for 3 intervals -> offline; a last will -> offline at once."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+    from toolkit.collector import SQL, parse
+    from toolkit.fleetview import status
+
+    db = open_db(tmp_path / "fleet.db")
+    now = time.time()
+    for dev, online, t in (("quiet", True, now - 100), ("alive", True, now - 5), ("gone", False, now - 1)):
+        kind, row = parse(f"edgeship/v1/f/device/{dev}/presence",
+                          json.dumps({"v": 1, "type": "presence", "online": online, "t": t, "heartbeat_s": 30}).encode())
+        db.execute(SQL[kind], row)
+    db.commit()
+    rows = {r["device"]: r for r in status(db, now=now)}
+    assert rows["alive"]["online"] and not rows["quiet"]["online"] and not rows["gone"]["online"]
+    db.close()
+    res = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "fleet", "watch", "--db", str(tmp_path / "fleet.db"),
+                                   "--iterations", "2", "--interval", "0.1"])
+    assert res.exit_code == 0 and res.output.count("3 devices, 1 online") == 2, res.output
+
+
+def test_shared_subscription_splits_telemetry_between_collectors(tmp_path, broker):
+    """Two collectors in one shared-subscription group: every record is stored by exactly one of them."""
+    b = Broker.parse(broker.url)
+    cols = [Collector(b, "test", tmp_path / f"c{i}.db", share="grp").start() for i in range(2)]
+    pub = make_client("tele-pub", b)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    try:
+        time.sleep(0.5)
+        for seq in range(1, 201):
+            doc = {"v": 1, "type": "telemetry", "seq": seq, "device": "d1", "inference": {"count": 1, "errors": 0},
+                   "system": {}, "drift": None}
+            pub.publish("edgeship/v1/test/device/d1/telemetry", json.dumps(doc), qos=1).wait_for_publish(5)
+        assert _wait(lambda: sum(c.stored for c in cols) >= 200, 30)
+        time.sleep(0.5)
+    finally:
+        pub.loop_stop()
+        for c in cols:
+            c.stop()
+    seqs = [{r["seq"] for r in _rows(tmp_path / f"c{i}.db", "d1")} for i in range(2)]
+    assert seqs[0] | seqs[1] == set(range(1, 201)) and not seqs[0] & seqs[1]
+    assert seqs[0] and seqs[1]  # both did part of the work

@@ -267,19 +267,23 @@ def fleet_status(s: Settings, db_path: Path | None, window: float, as_json: bool
 @_db_option
 @click.option("--window", default=300.0, show_default=True)
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", default=0, help="Stop after this many refreshes [default: until Ctrl-C].")
 @click.pass_obj
-def fleet_watch(s: Settings, db_path: Path | None, window: float, interval: float) -> None:
+def fleet_watch(s: Settings, db_path: Path | None, window: float, interval: float, iterations: int) -> None:
     """Live fleet status, refreshed (run `edgeship fleet collect` alongside). Ctrl-C to stop."""
     from toolkit.collector import open_db
     from toolkit.fleetview import status, table
 
     db = open_db(db_path or s.home / "fleet.db")
+    n = 0
     try:
-        while True:
+        while not iterations or n < iterations:
+            if n:
+                time.sleep(interval)
             click.clear()
             click.echo(f"edgeship fleet — {time.strftime('%H:%M:%S')} (every {interval:g}s, Ctrl-C to stop)\n")
             click.echo(table(status(db, window)))
-            time.sleep(interval)
+            n += 1
     except KeyboardInterrupt:
         pass
     finally:

@@ -93,15 +93,15 @@ def parse(topic: str, payload: bytes) -> tuple[str, tuple] | None:
                              _num(sysd.get("disk_free_bytes")), _num(sysd.get("uptime_s")),
                              int(bool(drift.get("flag"))), _num(drift.get("max_psi")),
                              int(_num(doc.get("dropped")) or 0), payload.decode())
+    t = _num(doc.get("t")) or now
+    seen = min(t, now)  # the device's clock, but never in the future (a retained message keeps its age)
     if kind == "presence":
-        return "presence", (device, int(bool(doc.get("online"))), _num(doc.get("t")) or now,
-                            _num(doc.get("heartbeat_s")), now)
+        return "presence", (device, int(bool(doc.get("online"))), t, _num(doc.get("heartbeat_s")), seen)
     if kind == "reported":
         model, version, sha = doc.get("model"), doc.get("version"), doc.get("installed_sha256")
         return "reported", (device, str(doc.get("group") or ""), model if isinstance(model, str) else None,
                             _int(version), str(doc.get("status") or ""),
-                            str(doc.get("error") or "")[:500], sha if isinstance(sha, str) else None,
-                            _num(doc.get("t")) or now, now)
+                            str(doc.get("error") or "")[:500], sha if isinstance(sha, str) else None, t, seen)
     return None
 
 
@@ -110,12 +110,12 @@ SQL = {
     "presence": "INSERT INTO devices (device, online, presence_t, heartbeat_s, last_seen) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(device) DO UPDATE SET online=excluded.online, presence_t=excluded.presence_t, "
                 "heartbeat_s=COALESCE(excluded.heartbeat_s, heartbeat_s), "
-                "last_seen=MAX(COALESCE(last_seen, 0), excluded.presence_t)",
+                "last_seen=MAX(COALESCE(last_seen, 0), excluded.last_seen)",
     "reported": "INSERT INTO devices (device, grp, model, version, status, error, installed_sha256, reported_t, "
                 "last_seen) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(device) DO UPDATE SET grp=excluded.grp, "
                 "model=excluded.model, version=excluded.version, status=excluded.status, error=excluded.error, "
                 "installed_sha256=excluded.installed_sha256, reported_t=excluded.reported_t, "
-                "last_seen=MAX(COALESCE(last_seen, 0), excluded.reported_t)",
+                "last_seen=MAX(COALESCE(last_seen, 0), excluded.last_seen)",
 }
 
 

@@ -35,6 +35,9 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+GOLDEN_BUDGET = 1 << 20  # bytes of golden inputs + outputs in a bundle (at least one sample)
+
+
 def _g(x: float) -> float:
     return float(f"{float(x):.6g}")
 
@@ -103,7 +106,9 @@ def write(out: Path, *, name: str, version: int, profile: Profile, variant: Vari
           model_bytes: bytes | None = None) -> Manifest:
     assert variant.file is not None
     model = load_model(variant.file, threads=profile.threads)
-    golden, atol = golden_set(model, val_inputs, golden_count, half=variant.precision == "fp16")
+    per_sample = sum(a[:1].nbytes for a in val_inputs) + sum(4 * abs(int(np.prod(o.shape[1:]))) for o in model.outputs)
+    count = max(1, min(golden_count, GOLDEN_BUDGET // max(per_sample, 1)))  # image models: few samples
+    golden, atol = golden_set(model, val_inputs, count, half=variant.precision == "fp16")
     model_file = "model" + FORMATS[profile.format]
     m = variant.metrics
     metrics = {k: (_g(v) if isinstance(v, float) else v) for k, v in m.items()

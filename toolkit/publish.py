@@ -44,14 +44,13 @@ class Publisher:
 
     def upload(self, bundle: Path, bases: list[Path] = ()) -> dict[str, Any]:
         """Retained chunks + index (content-addressed: uploading twice is harmless), plus a delta
-        against the model of each bundle in ``bases`` that is smaller than the full bundle."""
+        against each bundle in ``bases``, when smaller than the full bundle."""
         doc, _ = inspect_bundle(bundle)
         data = bundle.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         infos, deltas = [], {}
         for base in bases:
-            model = base_model(base)
-            p = delta.make_patch(model, data)
+            p = delta.make_patch(base_content(base), data)
             if len(p["patch"]) >= len(data) or p["base_sha256"] in deltas:
                 continue  # not smaller: devices on that version take the full bundle
             meta = {"target_sha256": sha, "target_size": len(data), "base_sha256": p["base_sha256"],
@@ -77,18 +76,21 @@ class Publisher:
         return topic
 
 
-def base_model(bundle: Path) -> bytes:
-    """The model file inside a bundle: what a device running that bundle patches against."""
+def base_content(bundle: Path) -> bytes:
+    """What a device running ``bundle`` patches against (its files in manifest order, see agent.delta)."""
     import tarfile
 
     doc, _ = inspect_bundle(bundle)
     try:
         with tarfile.open(bundle) as tar:
-            fh = tar.extractfile(doc["model"]["path"])
-            assert fh is not None
-            return fh.read()
-    except (tarfile.TarError, KeyError, AssertionError, OSError) as exc:
-        raise BundleError(f"{bundle}: cannot read its model file for a delta ({exc})") from exc
+            def read(path: str) -> bytes:
+                fh = tar.extractfile(path)
+                if fh is None:
+                    raise KeyError(path)
+                return fh.read()
+            return delta.base_content(read, [f["path"] for f in doc["files"]])
+    except (tarfile.TarError, KeyError, OSError) as exc:
+        raise BundleError(f"{bundle}: cannot read its files for a delta ({exc})") from exc
 
 
 def publish(bundle: Path, broker: Broker, fleet: str, key: SigningKey, device: str | None = None,
