@@ -26,6 +26,7 @@ from agent.service import Agent
 from agent.store import atomic_write
 
 log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3  # installs of one desired state that may kill the agent before it gives up
 
 
 class FleetLink:
@@ -46,6 +47,9 @@ class FleetLink:
         self.rx_bytes = 0  # bundle bytes received for the current transfer (chunks + indexes)
         self.transfer: dict[str, Any] = {}
         self.status, self.error = "idle", ""
+        st = self._load()
+        if st.get("desired") and st.get("failed_seq") == st["desired"].get("seq"):
+            self.status, self.error = "failed", st.get("error", "")  # still true after a restart
         self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
         self.reporter = Reporter(self, telemetry) if telemetry else None  # telemetry + heartbeat
 
@@ -200,14 +204,37 @@ class FleetLink:
         self._report()
 
     def _resubscribe(self) -> None:
+        """After (re)connecting: continue the desired state this device has not reached yet, unless it
+        already failed, or the agent died during its install MAX_ATTEMPTS times (a new desired state,
+        even for the same bundle, starts over)."""
         st = self._load()
         doc = st.get("desired")
-        if doc and st.get("installed_sha256") != doc.get("bundle_sha256") and self.pending is None:
-            self._begin(Desired.from_doc(doc, "fleet.json"))
+        if not doc or st.get("installed_sha256") == doc.get("bundle_sha256") or self.pending is not None:
+            return self._subscribe_pending()
+        d = Desired.from_doc(doc, "fleet.json")
+        tries = st.get("attempts") or {}
+        if st.get("failed_seq") == d.seq:
+            return
+        if tries.get("seq") == d.seq and tries.get("n", 0) >= MAX_ATTEMPTS:
+            self.status = "failed"
+            self.error = (f"gave up on {d.model} v{d.version}: the agent stopped during its install "
+                          f"{tries['n']} times")
+            st["failed_seq"], st["error"] = d.seq, self.error
+            self._save(st)
+            self._report()
+            return
+        self._begin(d)
+        self._subscribe_pending()
+
+    def _subscribe_pending(self) -> None:
         if self.pending:
             self.client.subscribe(f"{self.pending['prefix']}/index", qos=1)
 
     def _begin(self, d: Desired) -> None:
+        old = self.pending
+        if old:  # a newer desired state replaces a transfer in progress
+            self.client.unsubscribe([f"{old['prefix']}/index"]
+                                    + [f"{old['prefix']}/chunk/{i}" for i in sorted(old.get("missing", ()))])
         self.pending = {"desired": d, "index": None, "base": None, "no_delta": False,
                         "prefix": bundle_topic(self.fleet, d.sha256)}
         self.rx_bytes = 0
@@ -332,6 +359,10 @@ class FleetLink:
         atomic_write(bundle, data, durable=False)  # verified again by the install engine
 
     def _install(self, d: Desired, bundle: Path) -> None:
+        st = self._load()
+        tries = st.get("attempts") or {}
+        st["attempts"] = {"seq": d.seq, "n": tries.get("n", 0) + 1 if tries.get("seq") == d.seq else 1}
+        self._save(st)  # before the engine runs: an install that kills the process is counted
         self.status = "installing"
         self._report()
         res = self.agent.install(bundle)
@@ -341,7 +372,7 @@ class FleetLink:
             self.status, self.error = "installed", ""
         else:
             self.status, self.error = "failed", res.reason
-            st["failed_sha256"] = d.sha256
+            st["failed_seq"], st["error"] = d.seq, res.reason
         self._save(st)
         self.pending = None
         for f in self.dir.glob(f"{d.sha256}*"):

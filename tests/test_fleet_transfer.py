@@ -205,3 +205,35 @@ def test_agent_killed_mid_transfer_resumes_with_the_missing_chunks(tmp_path, bro
         proc.wait(30)
         host.loop_stop()
         w.stop()
+
+
+def test_agent_that_dies_in_every_install_gives_up(tmp_path, broker, settings, signing_key, fleet_bundles):
+    """A bundle that kills the agent during its install (e.g. a runtime abort) is tried 3 times, then the
+    device reports it gave up instead of crash-looping; publishing it again (new desired state) retries."""
+    from agent.fleet import MAX_ATTEMPTS
+
+    b = Broker.parse(broker.url)
+    w = Watcher(broker)
+    publish(fleet_bundles["v1"], b, "test", signing_key, device="pi-g")
+    proc = None
+    try:
+        for _ in range(MAX_ATTEMPTS):
+            proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-g", faults="VerifyModel=crash")
+            assert proc.wait(timeout=120) == -9
+        proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-g", faults="VerifyModel=crash")
+        assert w.wait(lambda r: "gave up" in r.get("pi-g", {}).get("error", ""), 60), w.reports
+        assert w.reports["pi-g"]["status"] == "failed" and w.reports["pi-g"]["version"] is None
+        time.sleep(1.0)
+        assert proc.poll() is None  # it did not try a 4th time
+        proc.terminate()
+        proc.wait(30)
+        proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-g")  # fixed agent, still gave up
+        time.sleep(3.0)
+        assert w.reports["pi-g"]["status"] == "failed"
+        publish(fleet_bundles["v1"], b, "test", signing_key, device="pi-g")  # the operator retries
+        assert w.wait(lambda r: r.get("pi-g", {}).get("version") == 1, 60), w.reports
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        w.stop()
