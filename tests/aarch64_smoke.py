@@ -1,9 +1,10 @@
 """Agent smoke run for an emulated Raspberry Pi 4 (aarch64 wheels under qemu-user).
 
 Runs in-process (no subprocess: without binfmt_misc an emulated exec of sys.executable fails):
-install v1 (signature, hashes, LiteRT load, golden set), serve HTTP, infer over v2, install v2 with hot
-swap, refuse a tampered bundle, roll back. Prints one JSON line with what it saw.
-usage: python aarch64_smoke.py STATE_DIR KEYRING V1 V2 TAMPERED INPUT_NPY
+install v1 (signature, hashes, LiteRT load, golden set), serve HTTP, infer over v2, rebuild v2 from a
+zstd delta patch against the installed v1 and install it with hot swap, refuse a tampered bundle, roll
+back; telemetry window on the way. Prints one JSON line with what it saw.
+usage: python aarch64_smoke.py STATE_DIR KEYRING V1 V2_PATCH TAMPERED INPUT_NPY  (V2_PATCH.json: its meta)
 """
 
 import http.client
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent import delta
 from agent.http import make_server, serve_in_thread
 from agent.keys import Keyring
 from agent.service import Agent
@@ -27,7 +29,7 @@ def post(port, path, body):
 
 
 def main():
-    state, keyring, v1, v2, tampered, xpath = sys.argv[1:7]
+    state, keyring, v1, v2_patch, tampered, xpath = sys.argv[1:7]
     agent = Agent(Path(state), Keyring.load(keyring), platform.machine())
     agent.start()
     out = {"machine": platform.machine(), "numpy": np.__version__}
@@ -41,7 +43,18 @@ def main():
         {"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
     out["infer_status"] = status
     out["infer_top1"] = np.array(res["outputs"][0]["data"]).reshape(x.shape[0], -1).argmax(1).tolist()
-    out["install_v2"] = agent.install(Path(v2)).status
+    meta = json.loads(Path(v2_patch + ".json").read_text())
+    cur = agent.current
+    slot = agent.store.slot(cur.slot)
+    base = delta.base_content(lambda p: (slot / p).read_bytes(), [f.path for f in cur.manifest.files])
+    v2 = Path(state) / "v2-from-delta.bundle"
+    v2.write_bytes(delta.apply_patch(base, Path(v2_patch).read_bytes(), meta["target_sha256"], meta["target_size"],
+                                     meta["window_log"]))
+    out["delta_applied"] = delta.available()
+    for _ in range(3):
+        agent.predict(x)
+    out["telemetry"] = agent.current.window.snapshot()  # the HTTP request + these 3
+    out["install_v2"] = agent.install(v2).status
     out["serving_after_v2"] = agent.current.manifest.version
     bad = agent.install(Path(tampered))
     out["tampered"] = [bad.status, bad.reason[:80]]
