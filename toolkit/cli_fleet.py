@@ -64,7 +64,7 @@ def publish(s: Settings, bundle: Path, device: str | None, group: str | None, co
     click.echo(f"published {res['model']} v{res['version']} ({res['chunks']} chunks, sha256 "
                f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
     for base, size in res.get("deltas", {}).items():
-        click.echo(f"  delta against model {base[:12]}…: {size} bytes ({size / res['size']:.1%} of the bundle)")
+        click.echo(f"  delta for devices running bundle base {base[:12]}…: {size} bytes ({size / res['size']:.1%} of the bundle)")
 
 
 @click.command()

@@ -77,9 +77,6 @@ def write_report(db_path: Path, out: Path, window: float = 300) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     db = open_db(db_path)
     try:
         rows = status(db, window)
@@ -103,41 +100,68 @@ def write_report(db_path: Path, out: Path, window: float = 300) -> Path:
                      f"{_f(r['max_psi'], '.3f')}</td><td>{r['dropped']}</td></tr>")
     parts.append("</table>")
     if tele:
-        t0 = tele[0]["t"]
-        t = np.array([(r["t"] - t0) for r in tele])
-        versions = sorted({(r["model"] or "-", r["version"]) for r in tele}, key=str)
-        fig, axes = plt.subplots(5, 1, figsize=(10, 16), constrained_layout=True)
-        for m, v in versions:
-            sel = [i for i, r in enumerate(tele) if (r["model"] or "-", r["version"]) == (m, v) and r["p95_ms"]]
-            axes[0].plot(t[sel], [tele[i]["p95_ms"] for i in sel], ".", label=f"{m}@{v}")
-        axes[0].set_title("p95 latency (ms) per record, by version")
-        axes[0].legend(fontsize=8)
-        bins = np.linspace(0, max(t.max(), 1.0), 40)
-        which = np.clip(np.digitize(t, bins) - 1, 0, len(bins) - 2)
-        width = bins[1] - bins[0]
-        req = np.bincount(which, weights=[r["count"] for r in tele], minlength=len(bins) - 1)
-        err = np.bincount(which, weights=[r["errors"] for r in tele], minlength=len(bins) - 1)
-        axes[1].bar(bins[:-1], req / width, width=width, align="edge", color="#2a9d8f")
-        axes[1].set_title("fleet throughput (requests/s)")
-        axes[2].bar(bins[:-1], err, width=width, align="edge", color="#e76f51")
-        axes[2].set_title("errors per time bin")
-        for m, v in versions:
-            devs = [len({r["device"] for r, w in zip(tele, which) if w == k and (r["model"] or "-", r["version"]) == (m, v)})
-                    for k in range(len(bins) - 1)]
-            axes[3].plot(bins[:-1], devs, label=f"{m}@{v}")
-        axes[3].set_title("devices reporting each version (rollout progress)")
-        axes[3].legend(fontsize=8)
-        for dev in sorted({r["device"] for r in tele})[:20]:
-            sel = [i for i, r in enumerate(tele) if r["device"] == dev and r["max_psi"] is not None]
-            axes[4].plot(t[sel], [tele[i]["max_psi"] for i in sel], label=dev)
-        axes[4].axhline(0.25, color="#b00", ls="--", lw=1)
-        axes[4].set_title("drift: max PSI per device (dashed: default threshold)")
-        for ax in axes:
-            ax.set_xlabel("seconds since first record")
-            ax.grid(alpha=0.3)
-        parts.append(_img(fig))
+        parts.append(_img(_plots(tele)))
     atomic_write(out, "\n".join(parts).encode())
     return out
+
+
+def _label(r: Any) -> str:
+    return f"{r['model']}@{r['version']}" if r["model"] else "no model"
+
+
+def _plots(tele: list[Any]) -> Any:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    t0 = tele[0]["t"]
+    t = np.array([r["t"] - t0 for r in tele])
+    labels = [_label(r) for r in tele]
+    versions = sorted(set(labels))
+    fig, axes = plt.subplots(5, 1, figsize=(10, 16), constrained_layout=True)
+    for v in versions:
+        sel = [i for i, lab in enumerate(labels) if lab == v and tele[i]["p95_ms"]]
+        axes[0].plot(t[sel], [tele[i]["p95_ms"] for i in sel], ".", label=v)
+    axes[0].set_title("p95 latency (ms) per record, by version")
+    axes[0].legend(fontsize=8)
+    # time bins no narrower than the devices' reporting interval, so each bin holds every device once
+    per_device: dict[str, list[float]] = {}
+    for r in tele:
+        per_device.setdefault(r["device"], []).append(r["t"])
+    gaps = [b - a for ts in per_device.values() for a, b in zip(sorted(ts), sorted(ts)[1:])]
+    width = max(float(np.median(gaps)) if gaps else 1.0, (t.max() or 1.0) / 60)
+    edges = np.arange(0.0, t.max() + width, width)
+    which = np.clip(np.digitize(t, edges) - 1, 0, max(len(edges) - 2, 0))
+    n = max(len(edges) - 1, 1)
+    req = np.bincount(which, weights=[r["count"] for r in tele], minlength=n)
+    err = np.bincount(which, weights=[r["errors"] for r in tele], minlength=n)
+    axes[1].bar(edges[:n], req / width, width=width, align="edge", color="#2a9d8f")
+    axes[1].set_title("fleet throughput (requests/s)")
+    axes[2].bar(edges[:n], err, width=width, align="edge", color="#e76f51")
+    axes[2].set_title("failed requests per time bin")
+    running: dict[str, str] = {}  # each device's latest reported version, carried forward
+    counts = {v: [] for v in versions}
+    order = np.argsort(t, kind="stable")
+    k = 0
+    for edge in edges[1:]:
+        while k < len(order) and t[order[k]] < edge:
+            running[tele[order[k]]["device"]] = labels[order[k]]
+            k += 1
+        for v in versions:
+            counts[v].append(sum(1 for x in running.values() if x == v))
+    for v in versions:
+        axes[3].step(edges[1:len(counts[v]) + 1], counts[v], where="post", label=v)
+    axes[3].set_title("devices per version (rollout progress)")
+    axes[3].legend(fontsize=8)
+    for dev in sorted({r["device"] for r in tele})[:20]:
+        sel = [i for i, r in enumerate(tele) if r["device"] == dev and r["max_psi"] is not None]
+        axes[4].plot(t[sel], [tele[i]["max_psi"] for i in sel], label=dev)
+    axes[4].axhline(0.25, color="#b00", ls="--", lw=1)
+    axes[4].set_title("drift: max PSI per device (dashed: default threshold)")
+    axes[4].legend(fontsize=7, ncol=4)
+    for ax in axes:
+        ax.set_xlabel("seconds since first record")
+        ax.grid(alpha=0.3)
+    return fig
 
 
 def _f(x: Any, fmt: str = ".2f") -> str:

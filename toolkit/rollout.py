@@ -85,7 +85,7 @@ class Rollouts:
         finally:
             pub.close()
         for base, size in info["deltas"].items():
-            self.echo(f"delta for devices on model {base[:12]}: {size} bytes ({size / info['size']:.1%} of the bundle)")
+            self.echo(f"delta for devices running bundle base {base[:12]}: {size} bytes ({size / info['size']:.1%} of the bundle)")
         plan = {"waves": waves, "wave": 0, "max_failures": max_failures, "timeout": timeout, "observe": observe,
                 "max_error_increase": max_error_increase, "max_p95_increase": max_p95_increase,
                 "started": time.time(),
