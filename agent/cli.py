@@ -152,10 +152,24 @@ def rollback(state_dir: Path, keyring: Path, arch: str | None, threads: int | No
 @cli.command()
 @state_options
 def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None) -> None:
-    """Recover if needed and print the active model as JSON."""
+    """Recover if needed and print the active model, fleet state and telemetry queue as JSON."""
     agent = _agent(state_dir, keyring, arch, threads)
     agent.start()
-    click.echo(json.dumps(agent.status(), default=str))
+    doc = agent.status()
+    fleet_file, queue_file = Path(state_dir) / "fleet.json", Path(state_dir) / "telemetry.db"
+    if fleet_file.exists():
+        st = json.loads(fleet_file.read_text())
+        desired = st.get("desired") or {}
+        doc["fleet"] = {"desired": {k: desired.get(k) for k in ("model", "version", "bundle_sha256", "target")}
+                        if desired else None, "installed_sha256": st.get("installed_sha256"),
+                        "error": st.get("error") if st.get("failed_seq") == desired.get("seq") else None}
+    if queue_file.exists():
+        from agent.outbox import Outbox
+
+        box = Outbox(queue_file)
+        doc["telemetry_queue"] = {"records": len(box), "dropped": box.dropped}
+        box.close()
+    click.echo(json.dumps(doc, default=str))
 
 
 @cli.command()

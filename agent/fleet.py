@@ -131,10 +131,13 @@ class FleetLink:
             raise ProtocolError(f"{topic}: desired state for {target!r}, not for this device")
         d = Desired.from_doc(doc, topic)
         st = self._load()
-        if d.seq <= st.get("seq", 0):
-            log.info("ignoring stale desired state %s v%d (seq %d <= %d)", d.model, d.version, d.seq, st["seq"])
+        seen = st.setdefault("topic_seq", {}).get(topic, 0)
+        if d.seq < seen:  # older than what this topic already said: a replay or a broker restoring old state
+            raise ProtocolError(f"{topic}: stale desired state {d.model} v{d.version} (seq {d.seq} < {seen}) ignored")
+        if d.seq <= st.get("seq", 0):  # the same message again, or superseded by the other desired topic
+            log.info("desired state %s v%d already handled or superseded", d.model, d.version)
             return
-        st["seq"] = d.seq
+        st["seq"] = st["topic_seq"][topic] = d.seq
         st["desired"] = doc
         self._save(st)
         if doc.get("rollback_to") is not None:

@@ -156,8 +156,8 @@ def test_stale_retained_desired_state_is_ignored(tmp_path, broker, keyring, sign
         publish(fleet_bundles["v2"], b, "test", signing_key, device="pi-s")
         assert w.wait(lambda r: r.get("pi-s", {}).get("version") == 2), w.reports
         grab.publish(topic, old[0], qos=1, retain=True).wait_for_publish(5)  # replay of the signed v1 state
-        time.sleep(1.5)
-        assert a.current.manifest.version == 2
+        assert w.wait(lambda r: "stale desired state" in r.get("pi-s", {}).get("error", ""), 20), w.reports
+        assert a.current.manifest.version == 2 and w.reports["pi-s"]["version"] == 2
         link.stop()
         a, link = start_agent(tmp_path, "pi-s", broker, keyring)  # restart: the stale state is retained
         time.sleep(2.0)
@@ -237,3 +237,16 @@ def test_agent_that_dies_in_every_install_gives_up(tmp_path, broker, settings, s
             proc.terminate()
             proc.wait(30)
         w.stop()
+    # on the device: `edgeship-agent status` shows the fleet state and the telemetry queue
+    import hashlib as _h
+
+    from click.testing import CliRunner
+
+    from agent.cli import cli as agent_cli
+
+    res = CliRunner().invoke(agent_cli, ["status", "--state-dir", str(tmp_path / "pi-g"), "--keyring",
+                                         str(settings.keyring_path), "--arch", "aarch64"])
+    doc = json.loads(res.output.strip().splitlines()[-1])
+    assert doc["version"] == 1 and doc["fleet"]["desired"]["version"] == 1
+    assert doc["fleet"]["installed_sha256"] == _h.sha256(fleet_bundles["v1"].read_bytes()).hexdigest()
+    assert doc["fleet"]["error"] is None and doc["telemetry_queue"]["dropped"] == 0

@@ -106,7 +106,7 @@ def run_fleet(workdir: Path, keyring: Path, registry: Path, key, v1: Path, build
         while len([d for d in devices(broker, FLEET, wait=0.5) if d.get("online")]) < agents and time.time() < end:
             pass
         ro = Rollouts(registry, broker, FLEET, lambda: Publisher(broker, FLEET, key), wait=0.5,
-                      echo=lambda m: echo(f"    {m}"), fleet_db=folder / "rollout-telemetry.db")
+                      echo=lambda m: echo(f"    {m}"), fleet_db=fleet_db)
         echo(f"5/7 rollout of {v1.name}: canary wave (25%), then the rest")
         r1 = ro.start(v1, GROUP, canary_pct=25, timeout=120)
         if r1["state"] != "completed":
