@@ -178,17 +178,26 @@ def _rollouts(tmp_path, broker, signing_key):
 
 
 def test_staged_rollout_canary_then_rest(tmp_path, broker, keyring, signing_key, fleet_bundles):
-    agents = [start_agent(tmp_path, f"g-{i}", broker, keyring, group="line") for i in range(3)]
+    """Canary then the rest; a device that is offline during the rollout converges when it comes back."""
+    agents = [start_agent(tmp_path, f"g-{i}", broker, keyring, group="line") for i in range(4)]
     try:
         publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, group="line")
         end = time.time() + 30
         while time.time() < end and not all(a.current and a.current.manifest.version == 1 for a, _ in agents):
             time.sleep(0.1)
+        agents[3][1].stop()  # g-3 goes offline
+        time.sleep(0.5)
         ro = _rollouts(tmp_path, broker, signing_key)
         r = ro.start(fleet_bundles["v2"], "line", canary_pct=30, timeout=60)
         assert r["state"] == "completed", r
-        assert r["plan"]["waves"] == [["g-0"], ["g-1", "g-2"]]
-        assert all(a.current.manifest.version == 2 for a, _ in agents)
+        assert r["plan"]["waves"] == [["g-0"], ["g-1", "g-2"]] and r["plan"]["offline"] == ["g-3"]
+        assert all(a.current.manifest.version == 2 for a, _ in agents[:3])
+        assert agents[3][0].current.manifest.version == 1
+        agents[3] = start_agent(tmp_path, "g-3", broker, keyring, group="line")  # back online
+        end = time.time() + 30
+        while time.time() < end and agents[3][0].current.manifest.version != 2:
+            time.sleep(0.1)
+        assert agents[3][0].current.manifest.version == 2
         # the registry keeps it: a new host process sees the same rollout
         assert _rollouts(tmp_path, broker, signing_key).get(r["id"])["state"] == "completed"
         from click.testing import CliRunner

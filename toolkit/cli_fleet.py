@@ -115,6 +115,8 @@ def _show(r: dict[str, Any]) -> None:
                + (f"\n  {r['error']}" if r.get("error") else ""))
     for dev, res in sorted(plan["results"].items()):
         click.echo(f"  {dev:<16} {res}")
+    for dev in plan.get("offline", []):
+        click.echo(f"  {dev:<16} offline at the start: converges to the group's desired state when it connects")
 
 
 @rollout.command("start")

@@ -4,7 +4,9 @@ Rollout state lives in the registry (SQLite), saved after every step, so `edgesh
 status/resume/abort` work after the host process restarts. A wave fails when its devices fail to
 install (including a golden-set refusal) or, with an observation window, when their telemetry shows
 a worse error rate or p95 latency on the new version than the replaced version shows (the rest of
-the group during the same window, and the wave's own devices before the rollout).
+the group during the same window, and the wave's own devices before the rollout). Offline devices
+skip the waves; a completed rollout sets the group's desired state, so they (and devices that join the
+group later) converge when they connect.
 """
 
 from __future__ import annotations
@@ -76,7 +78,14 @@ class Rollouts:
         members = [d for d in devices(self.broker, self.fleet) if d.get("group") == group]
         if not members:
             raise ToolkitError(f"group {group!r} has no devices reporting in fleet {self.fleet!r}")
-        names = [d["device"] for d in members]
+        online = [d["device"] for d in members if d.get("online")]
+        offline = sorted({d["device"] for d in members} - set(online))
+        if not online:
+            raise ToolkitError(f"group {group!r}: all {len(members)} device(s) are offline")
+        if offline:
+            self.echo(f"{len(offline)} offline device(s) skip the waves and converge when they come back: "
+                      + ", ".join(offline))
+        names = online
         n_canary = max(1, math.ceil(len(names) * canary_pct / 100))
         waves = [names[:n_canary]] + ([names[n_canary:]] if names[n_canary:] else [])
         pub = self.pub_factory()
@@ -88,7 +97,7 @@ class Rollouts:
             self.echo(f"delta for devices running bundle base {base[:12]}: {size} bytes ({size / info['size']:.1%} of the bundle)")
         plan = {"waves": waves, "wave": 0, "max_failures": max_failures, "timeout": timeout, "observe": observe,
                 "max_error_increase": max_error_increase, "max_p95_increase": max_p95_increase,
-                "started": time.time(),
+                "started": time.time(), "offline": offline,
                 "previous": {d["device"]: {"version": d.get("version"), "sha256": d.get("installed_sha256")}
                              for d in members}, "results": {}}
         with self.db:
@@ -135,6 +144,8 @@ class Rollouts:
                     return self.get(rid)
                 plan["wave"] += 1
                 self._save(r)
+            # the group's retained desired state: offline devices and devices that join later converge
+            pub.desire(r["model"], r["version"], r["sha256"], r["size"], group=r["grp"])
             r["state"] = "completed"
             self._save(r)
             return self.get(rid)
