@@ -217,3 +217,14 @@ def test_shared_subscription_splits_telemetry_between_collectors(tmp_path, broke
     seqs = [{r["seq"] for r in _rows(tmp_path / f"c{i}.db", "d1")} for i in range(2)]
     assert seqs[0] | seqs[1] == set(range(1, 201)) and not seqs[0] & seqs[1]
     assert seqs[0] and seqs[1]  # both did part of the work
+
+
+def test_cpu_temperature_from_sysfs_layout(tmp_path):
+    """Raspberry Pi OS exposes millidegrees in /sys/class/thermal/thermal_zone*/temp; no zones -> None."""
+    from agent.telemetry import cpu_temperature
+
+    assert cpu_temperature(tmp_path) is None
+    for i, v in enumerate(("48312", "51234", "garbage")):
+        (tmp_path / f"thermal_zone{i}").mkdir()
+        (tmp_path / f"thermal_zone{i}" / "temp").write_text(v + "\n")
+    assert cpu_temperature(tmp_path) == 51.234
