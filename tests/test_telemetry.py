@@ -228,3 +228,21 @@ def test_cpu_temperature_from_sysfs_layout(tmp_path):
         (tmp_path / f"thermal_zone{i}").mkdir()
         (tmp_path / f"thermal_zone{i}" / "temp").write_text(v + "\n")
     assert cpu_temperature(tmp_path) == 51.234
+
+
+def test_collector_retention(tmp_path):
+    """Old telemetry and old rejected-message notes are pruned; recent rows stay."""
+    from toolkit import collector as c
+
+    col = c.Collector(Broker.parse("mqtt://127.0.0.1:1"), "f", tmp_path / "fleet.db", retention_days=1)
+    now = time.time()
+    for seq, age_days in ((1, 3), (2, 0.5)):
+        _, row = c.parse("edgeship/v1/f/device/d/telemetry", json.dumps(
+            {"v": 1, "seq": seq, "t": now - age_days * 86400, "inference": {}}).encode())
+        col.db.execute(c.SQL["telemetry"], row)
+    col.db.executemany("INSERT INTO rejected VALUES (?,?,?)", [(now, "x", "bad")] * (c.MAX_REJECTED_ROWS + 5))
+    col.db.commit()
+    col.prune()
+    assert [r[0] for r in col.db.execute("SELECT seq FROM telemetry")] == [2]
+    assert col.db.execute("SELECT COUNT(*) FROM rejected").fetchone()[0] == c.MAX_REJECTED_ROWS
+    col.db.close()

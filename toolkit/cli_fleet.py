@@ -219,10 +219,11 @@ _db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False, pat
 @click.option("--share", help="Join shared subscription group NAME: run several collectors to split the load.")
 @click.option("--client-id", help="MQTT client id; the broker queues telemetry for it while it is down "
               "[default: edgeship-collector-HOSTNAME-FLEET(-SHARE)].")
+@click.option("--retention-days", default=30.0, show_default=True, help="Delete telemetry older than this.")
 @click.option("--seconds", type=float, help="Stop after this long [default: until Ctrl-C].")
 @click.pass_obj
 def fleet_collect(s: Settings, conn: Any, fleet_name: str, db_path: Path | None, share: str | None,
-                  client_id: str | None, seconds: float | None) -> None:
+                  client_id: str | None, retention_days: float, seconds: float | None) -> None:
     """Store all telemetry and device state in SQLite (WAL)."""
     import socket
 
@@ -230,7 +231,7 @@ def fleet_collect(s: Settings, conn: Any, fleet_name: str, db_path: Path | None,
 
     path = db_path or s.home / "fleet.db"
     cid = client_id or f"edgeship-collector-{socket.gethostname()}-{fleet_name}" + (f"-{share}" if share else "")
-    col = Collector(conn, fleet_name, path, share, cid).start()
+    col = Collector(conn, fleet_name, path, share, cid, retention_days).start()
     click.echo(f"collecting fleet {fleet_name!r} from {conn.host}:{conn.port} into {path}"
                + (f" (shared group {share})" if share else "") + "; Ctrl-C to stop")
     try:

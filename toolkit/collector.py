@@ -23,6 +23,8 @@ from agent.protocol import PREFIX
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
+PRUNE_EVERY_S = 600.0
+MAX_REJECTED_ROWS = 10_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS telemetry (
@@ -121,10 +123,12 @@ SQL = {
 
 class Collector:
     def __init__(self, broker: Broker, fleet: str, db_path: Path, share: str | None = None,
-                 client_id: str | None = None):
+                 client_id: str | None = None, retention_days: float = 30.0):
         """With a ``client_id`` the session is persistent: the broker queues telemetry while the collector
-        is down or reconnecting (give each collector process its own id)."""
+        is down or reconnecting (give each collector process its own id). Telemetry older than
+        ``retention_days`` is deleted as the collector runs."""
         self.broker, self.fleet, self.db_path, self.share = broker, fleet, db_path, share
+        self.retention_s, self._pruned = retention_days * 86400, 0.0
         self.db = open_db(db_path)
         self.q: queue.Queue[tuple[str, tuple] | None] = queue.Queue()
         self.received = self.stored = self.rejected = 0
@@ -189,6 +193,19 @@ class Collector:
                 self.rejected += len(rows.get("rejected", []))
             except (sqlite3.Error, OverflowError, ValueError):  # a value SQLite cannot bind: go one by one
                 self._write_one_by_one(rows)
+            if time.time() - self._pruned > PRUNE_EVERY_S:
+                self.prune()
+
+    def prune(self) -> None:
+        """Drop telemetry past the retention period and all but the newest rejected-message notes."""
+        self._pruned = time.time()
+        try:
+            with self.db:
+                self.db.execute("DELETE FROM telemetry WHERE t < ?", (time.time() - self.retention_s,))
+                self.db.execute("DELETE FROM rejected WHERE rowid <= (SELECT MAX(rowid) FROM rejected) - ?",
+                                (MAX_REJECTED_ROWS,))
+        except sqlite3.Error as exc:
+            log.warning("pruning %s failed: %s", self.db_path, exc)
 
     def _write_one_by_one(self, rows: dict[str, list[tuple]]) -> None:
         for kind, values in rows.items():
