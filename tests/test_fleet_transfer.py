@@ -250,3 +250,35 @@ def test_agent_that_dies_in_every_install_gives_up(tmp_path, broker, settings, s
     assert doc["version"] == 1 and doc["fleet"]["desired"]["version"] == 1
     assert doc["fleet"]["installed_sha256"] == _h.sha256(fleet_bundles["v1"].read_bytes()).hexdigest()
     assert doc["fleet"]["error"] is None and doc["telemetry_queue"]["dropped"] == 0
+
+
+def test_malformed_index_is_ignored_until_a_good_one_arrives(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    from agent.protocol import desired_doc, device_topic, sign_message
+
+    data = fleet_bundles["v2"].read_bytes()
+    idx = chunk_index(data, chunk_size=8192)
+    prefix = bundle_topic("test", idx["sha256"])
+    host = _raw(broker, "host-idx")
+    w = Watcher(broker)
+    a, link = start_agent(tmp_path, "pi-i", broker, keyring)
+    try:
+        doc = desired_doc("digits", 2, idx["sha256"], len(data), "device:pi-i")
+        host.publish(device_topic("test", "pi-i", "desired"), sign_message(doc, signing_key.key_id, signing_key.sign),
+                     qos=1, retain=True).wait_for_publish(5)
+        assert w.wait(lambda r: r.get("pi-i", {}).get("status") == "downloading", 20), w.reports
+        for bad in (b"\x00garbage", b'{"v": 1, "type": "index"}', json.dumps({**idx, "chunks": idx["chunks"][:-1]}),
+                    json.dumps({**idx, "size": 10**12}), json.dumps({**idx, "chunk_size": 0}),
+                    json.dumps({**idx, "chunks": [1, 2, 3]})):
+            host.publish(f"{prefix}/index", bad, qos=1).wait_for_publish(5)
+        time.sleep(1.0)
+        assert link._worker.is_alive() and a.current is None
+        host.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True).wait_for_publish(5)
+        cs = idx["chunk_size"]
+        time.sleep(0.5)
+        for i in range(len(idx["chunks"])):
+            host.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1, retain=True).wait_for_publish(5)
+        assert w.wait(lambda r: r.get("pi-i", {}).get("version") == 2, 30), w.reports
+    finally:
+        link.stop()
+        host.loop_stop()
+        w.stop()
