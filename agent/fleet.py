@@ -384,10 +384,10 @@ class FleetLink:
         self._report()
 
     def _report(self, error: str = "") -> None:
-        cur = self.agent.current
+        cur, st = self.agent.current, self._load()
         doc = {"v": 1, "type": "reported", "device": self.device, "group": self.group,
                "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
-               "installed_sha256": self._load().get("installed_sha256"), "status": self.status,
+               "installed_sha256": st.get("installed_sha256"), "seq": st.get("seq", 0), "status": self.status,
                "error": error or self.error, "transfer": self.transfer, "delta": delta.available(),
                "t": time.time()}
         self.client.publish(device_topic(self.fleet, self.device, "reported"), json.dumps(doc), qos=1, retain=True)

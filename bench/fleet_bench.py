@@ -1,13 +1,14 @@
 """Fleet benchmark: rollout of a ~4 MB bundle to N simulated devices on one local Mosquitto, then a
 head-only v2 as a delta update to the same devices.
 
-    python bench/fleet_bench.py --devices 200 500 [--out docs/benchmarks-fleet.json]
+    python bench/fleet_bench.py --devices 200 500 [--staged] [--out docs/benchmarks-fleet.json]
 
 Each simulated device is the real agent update path (Agent + FleetLink: chunk download, hash checks,
 crash-safe install engine, golden-set replay, hot swap); devices are spread over 2 worker processes
 (one per core), each with its own state dirs. Telemetry is off here (see telemetry_bench.py).
-Reported: total time from the group's desired state to the last device installed, bundle bytes
-received per device / bundle size, failures; and delta bytes / full bytes.
+Reported: total time from the group's desired state to the last device installed (``--staged``: from
+`Rollouts.start` — upload, canary wave, rest — to completion), bundle bytes received per device /
+bundle size, failures; and delta bytes / full bytes.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def mobilenet_delta(work: Path, home: Path) -> dict:
     return res
 
 
-def rollout(n: int, bundles: dict[str, Path], key, broker_dir: Path) -> dict:
+def rollout(n: int, bundles: dict[str, Path], key, broker_dir: Path, staged: bool = False) -> dict:
     from agent.mqtt import Broker, make_client
     from mosquitto import Mosquitto
     from toolkit.publish import Publisher
@@ -162,13 +163,22 @@ def rollout(n: int, bundles: dict[str, Path], key, broker_dir: Path) -> dict:
             assert p.stdout.readline().strip() == "ready"
         time.sleep(2)
         b = Broker.parse(m.url)
-        res = {"devices": n}
+        res = {"devices": n, "mode": "staged (10% canary, then the rest)" if staged else "one group desired state"}
         for tag, bundle, bases in (("full", bundles["v1"], []), ("delta", bundles["v2"], [bundles["v1"]])):
-            pub = Publisher(b, "bench", key)
-            info = pub.upload(bundle, bases)
-            t0 = time.perf_counter()
-            pub.desire(info["model"], info["version"], info["sha256"], info["size"], group="all")
-            pub.close()
+            if staged:  # the real rollout driver: upload, 10% canary wave, then the rest, then the group state
+                from toolkit.rollout import Rollouts
+
+                ro = Rollouts(state / "registry.db", b, "bench", lambda: Publisher(b, "bench", key), wait=1.0)
+                t0 = time.perf_counter()
+                r = ro.start(bundle, "all", canary_pct=10, timeout=600, delta_from=bases)
+                info = {"sha256": r["sha256"], "size": r["size"], "deltas": {}}
+                assert r["state"] == "completed", r.get("error")
+            else:  # everything at once: one group desired state
+                pub = Publisher(b, "bench", key)
+                info = pub.upload(bundle, bases)
+                t0 = time.perf_counter()
+                pub.desire(info["model"], info["version"], info["sha256"], info["size"], group="all")
+                pub.close()
             end = time.time() + 600
             def done():
                 return sum(1 for r in reports.values() if r.get("installed_sha256") == info["sha256"]
@@ -184,11 +194,11 @@ def rollout(n: int, bundles: dict[str, Path], key, broker_dir: Path) -> dict:
                         "bundle_bytes": info["size"], "bytes_per_device_over_bundle":
                         round(sum(rx) / max(len(rx), 1) / info["size"], 4),
                         "per_device_ms": round(1000 * total / n, 1)}
-            if tag == "delta":
+            if tag == "delta" and info["deltas"]:
                 res[tag]["patch_bytes"] = list(info["deltas"].values())[0]
                 res[tag]["delta_over_full"] = round(sum(rx) / max(len(rx), 1) / info["size"], 4)
                 res[tag]["modes"] = sorted({r.get("transfer", {}).get("mode") for r in reports.values()})
-            print(f"{n} devices, {tag}: {res[tag]}", flush=True)
+            print(f"{n} devices ({res['mode']}), {tag}: {res[tag]}", flush=True)
         return res
     finally:
         for p in workers:
@@ -206,6 +216,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[200, 500])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-fleet.json")
     ap.add_argument("--skip-mobilenet", action="store_true", help="Skip the MobileNetV2 head-only delta.")
+    ap.add_argument("--staged", action="store_true", help="Also run each size through `edgeship rollout` waves.")
     args = ap.parse_args()
     from toolkit.signing import load_or_create
 
@@ -218,6 +229,9 @@ def main() -> None:
     for n in args.devices:
         d = Path(tempfile.mkdtemp(prefix="edgeship-mosq-bench-"))
         results["runs"].append(rollout(n, bundles, key, d))
+        if args.staged:
+            results["runs"].append(rollout(n, bundles, key, Path(tempfile.mkdtemp(prefix="edgeship-mosq-bench-")),
+                                           staged=True))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

@@ -297,3 +297,31 @@ def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyri
         stop.set()
         for _, link in agents:
             link.stop()
+
+
+def test_abort_from_another_process_stops_a_waiting_rollout(tmp_path, broker, keyring, signing_key, fleet_bundles):
+    """`edgeship rollout abort` in another process: the running driver notices within a poll and stops."""
+    from agent.keys import Keyring
+    from toolkit.signing import load_or_create
+
+    other = load_or_create(tmp_path / "other" / "signing.pem")
+    deaf_ring = Keyring.of(other.public_raw)  # this device trusts another key: it never takes our desired state
+    a, link = start_agent(tmp_path, "ab-0", broker, deaf_ring, group="ab")
+    try:
+        time.sleep(0.5)
+        ro = _rollouts(tmp_path, broker, signing_key)  # the operator's second process
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(r=_rollouts(tmp_path, broker, signing_key).start(
+            fleet_bundles["v1"], "ab", 100, timeout=120)))
+        t0 = time.time()
+        t.start()
+        while not ro.list() and time.time() - t0 < 20:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        rid = ro.list()[0]["id"]
+        assert _rollouts(tmp_path, broker, signing_key).abort(rid)["state"] == "aborted"
+        t.join(30)
+        assert not t.is_alive() and box["r"]["state"] == "aborted" and time.time() - t0 < 30
+        assert a.current is None
+    finally:
+        link.stop()

@@ -30,7 +30,7 @@ def devices(broker: Broker, fleet: str, wait: float = 1.5) -> list[dict[str, Any
                 d["online"] = bool(doc.get("online"))
             elif parts[5] == "reported":
                 d.update({k: doc.get(k) for k in ("group", "model", "version", "status", "error", "t",
-                                                  "installed_sha256", "transfer")})
+                                                  "installed_sha256", "transfer", "seq")})
 
     client = make_client(f"edgeship-fleet-{time.time_ns()}", broker)
     client.on_message = on_message

@@ -73,6 +73,7 @@ class Publisher:
         topic = device_topic(self.fleet, device, "desired") if device else group_topic(self.fleet, group or "")
         self._wait([self.client.publish(topic, sign_message(desired, self.key.key_id, self.key.sign), qos=1,
                                         retain=True)], topic)
+        self.last_seq = desired["seq"]  # devices echo it in their reported state once they handled it
         return topic
 
 

@@ -116,11 +116,17 @@ class Rollouts:
         pub = self.pub_factory()
         try:
             while plan["wave"] < len(plan["waves"]):
+                if self.get(rid)["state"] != "running":  # aborted from another process
+                    return self.get(rid)
                 wave = plan["waves"][plan["wave"]]
                 self.echo(f"rollout {rid}: wave {plan['wave'] + 1}/{len(plan['waves'])}: {', '.join(wave)}")
+                seqs = {}
                 for dev in wave:
                     pub.desire(r["model"], r["version"], r["sha256"], r["size"], device=dev)
-                results = self._await(r, wave, plan["timeout"])
+                    seqs[dev] = pub.last_seq
+                results = self._await(r, seqs, plan["timeout"])
+                if self.get(rid)["state"] != "running":
+                    return self.get(rid)
                 installed = [d for d, v in results.items() if v == "installed"]
                 if plan.get("observe") and len(installed) == len(wave):
                     verdict = self._observe(r, wave)
@@ -159,14 +165,18 @@ class Rollouts:
             self._save(r)
         return self.get(rid)
 
-    def _await(self, r: dict[str, Any], wave: list[str], timeout: float) -> dict[str, str]:
+    def _await(self, r: dict[str, Any], seqs: dict[str, int], timeout: float) -> dict[str, str]:
+        """Wait for each device's report on the desired state with seq ``seqs[device]`` (or an abort)."""
+        wave = list(seqs)
         end, results = time.time() + timeout, {}
         started, shown = time.time(), ""
-        while time.time() < end and len(results) < len(wave):
+        while time.time() < end and len(results) < len(wave) and self.get(r["id"])["state"] == "running":
             states: dict[str, str] = {}
             for d in devices(self.broker, self.fleet, wait=self.wait):
                 name = d["device"]
-                if name not in wave or name in results or (d.get("t") or 0) < started - 1:
+                if name not in seqs or name in results:
+                    continue
+                if (d.get("seq") or 0) < seqs[name]:  # a report from before this wave's desired state
                     continue
                 states[name] = d.get("status") or "?"
                 if d.get("installed_sha256") == r["sha256"] and d.get("status") == "installed":
