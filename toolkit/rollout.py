@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 from agent.mqtt import Broker
 from toolkit.errors import ToolkitError
-from toolkit.fleet import devices
+from toolkit.fleet import FleetWatcher, devices
 from toolkit.publish import Publisher
 
+POLL_S = 0.25  # how often a waiting wave looks at the live reports
 MIN_REQUESTS = 20  # fewer requests than this on either side: no telemetry verdict
 BASELINE_WINDOW = 600.0  # seconds of pre-rollout telemetry that count as the baseline
 
@@ -114,6 +115,7 @@ class Rollouts:
             raise ToolkitError(f"rollout {rid} is {r['state']}; only a running rollout can be resumed")
         plan = r["plan"]
         pub = self.pub_factory()
+        watcher = FleetWatcher(self.broker, self.fleet).start()  # one live subscription for the whole run
         try:
             while plan["wave"] < len(plan["waves"]):
                 if self.get(rid)["state"] != "running":  # aborted from another process
@@ -124,7 +126,7 @@ class Rollouts:
                 for dev in wave:
                     pub.desire(r["model"], r["version"], r["sha256"], r["size"], device=dev)
                     seqs[dev] = pub.last_seq
-                results = self._await(r, seqs, plan["timeout"])
+                results = self._await(r, seqs, plan["timeout"], watcher)
                 if self.get(rid)["state"] != "running":
                     return self.get(rid)
                 installed = [d for d, v in results.items() if v == "installed"]
@@ -156,6 +158,7 @@ class Rollouts:
             self._save(r)
             return self.get(rid)
         finally:
+            watcher.stop()
             pub.close()
 
     def abort(self, rid: int) -> dict[str, Any]:
@@ -165,14 +168,18 @@ class Rollouts:
             self._save(r)
         return self.get(rid)
 
-    def _await(self, r: dict[str, Any], seqs: dict[str, int], timeout: float) -> dict[str, str]:
+    def _await(self, r: dict[str, Any], seqs: dict[str, int], timeout: float,
+               watcher: FleetWatcher) -> dict[str, str]:
         """Wait for each device's report on the desired state with seq ``seqs[device]`` (or an abort)."""
         wave = list(seqs)
         end, results = time.time() + timeout, {}
-        started, shown = time.time(), ""
+        started, shown, first = time.time(), "", True
         while time.time() < end and len(results) < len(wave) and self.get(r["id"])["state"] == "running":
+            if not first:
+                time.sleep(POLL_S)
+            first = False
             states: dict[str, str] = {}
-            for d in devices(self.broker, self.fleet, wait=self.wait):
+            for d in watcher.snapshot():
                 name = d["device"]
                 if name not in seqs or name in results:
                     continue
