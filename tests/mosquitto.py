@@ -49,9 +49,11 @@ def make_ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
 
 
 class Mosquitto:
-    def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None):
-        """``users``: serve MQTT over TLS (a throw-away CA, ``ca_file``) with these usernames/passwords only."""
-        self.folder, self.port, self.users = folder, port or free_port(), users
+    def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None,
+                 acl_file: Path | None = None):
+        """``users``: serve MQTT over TLS (a throw-away CA, ``ca_file``) with these usernames/passwords only;
+        ``acl_file``: and enforce this ACL."""
+        self.folder, self.port, self.users, self.acl_file = folder, port or free_port(), users, acl_file
         self.proc: subprocess.Popen | None = None
         self.ca_file: Path | None = None
 
@@ -74,6 +76,11 @@ class Mosquitto:
             pw.chmod(0o644)
             text += (f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\nallow_anonymous false\n"
                      f"password_file {pw}\n")
+            if self.acl_file:
+                acl = self.folder / "acl.conf"  # a copy mosquitto (not root) can read
+                acl.write_text(Path(self.acl_file).read_text())
+                acl.chmod(0o644)
+                text += f"acl_file {acl}\n"
         else:
             text += "allow_anonymous true\n"
         conf.write_text(text)

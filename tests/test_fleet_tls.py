@@ -1,5 +1,6 @@
-"""Fleet over TLS with username/password on a real Mosquitto: the host CLI and an agent process both use
-mqtts:// with a CA file; wrong credentials are refused by the broker and the agent keeps running."""
+"""Fleet over TLS with username/password and the ACL from deploy/mosquitto on a real Mosquitto: the host
+CLI and an agent process both use mqtts:// with a CA file; the ACL lets a device do its job; wrong
+credentials are refused by the broker and the agent keeps running."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ pytestmark = needs_mosquitto
 @pytest.fixture()
 def tls_broker():
     folder = Path(tempfile.mkdtemp(prefix="edgeship-mosq-tls-"))
-    m = Mosquitto(folder, users={"pi-tls": "s3cret", "host": "h0st"}).start()
+    m = Mosquitto(folder, users={"pi-tls": "s3cret", "edgeship-host": "h0st", "pi-bad": "right"},
+                  acl_file=ROOT / "deploy" / "mosquitto" / "acl.conf").start()
     yield m
     m.stop()
     shutil.rmtree(folder, ignore_errors=True)
@@ -43,7 +45,7 @@ def _agent(tmp_path, broker, keyring_dir, name, password):
 
 def test_tls_and_credentials_on_both_sides(tmp_path, tls_broker, settings, fleet_bundles):
     home = ["--home", str(settings.home)]
-    conn = ["--broker", tls_broker.url, "--fleet", "tls", "--username", "host", "--password", "h0st",
+    conn = ["--broker", tls_broker.url, "--fleet", "tls", "--username", "edgeship-host", "--password", "h0st",
             "--ca-file", str(tls_broker.ca_file)]
     good = _agent(tmp_path, tls_broker, settings.keyring_path, "pi-tls", "s3cret")
     bad = _agent(tmp_path, tls_broker, settings.keyring_path, "pi-bad", "wrong")
@@ -57,6 +59,17 @@ def test_tls_and_credentials_on_both_sides(tmp_path, tls_broker, settings, fleet
             rows = {r["device"]: r for r in json.loads(res.output)}
         assert rows["pi-tls"]["version"] == 1 and rows["pi-tls"]["online"], rows
         assert "pi-bad" not in rows  # refused by the broker
+        # the ACL: a device cannot speak for another device (mosquitto drops the publish)
+        from agent.mqtt import Broker, connect_blocking, make_client
+
+        spoof = make_client("spoof", Broker.parse(tls_broker.url, "pi-tls", "s3cret", str(tls_broker.ca_file)))
+        connect_blocking(spoof, Broker.parse(tls_broker.url, "pi-tls", "s3cret", str(tls_broker.ca_file)))
+        spoof.publish("edgeship/v1/tls/device/victim/reported", json.dumps({"v": 1, "device": "victim"}), qos=1,
+                      retain=True).wait_for_publish(5)
+        spoof.disconnect()
+        spoof.loop_stop()
+        res = CliRunner().invoke(cli, [*home, "fleet", "devices", "--json", *conn])
+        assert "victim" not in {r["device"] for r in json.loads(res.output)}
         assert bad.poll() is None  # ... and still running (serving its local API, retrying with backoff)
         res = CliRunner().invoke(cli, [*home, "fleet", "devices", "--broker", tls_broker.url.replace("mqtts", "mqtt"),
                                        "--fleet", "tls"])
