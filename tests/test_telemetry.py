@@ -246,3 +246,21 @@ def test_collector_retention(tmp_path):
     assert [r[0] for r in col.db.execute("SELECT seq FROM telemetry")] == [2]
     assert col.db.execute("SELECT COUNT(*) FROM rejected").fetchone()[0] == c.MAX_REJECTED_ROWS
     col.db.close()
+
+
+def test_fleet_collect_cli(tmp_path, broker, keyring):
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+
+    a, link = start_agent(tmp_path, "t-cli", broker, keyring, group="c",
+                          telemetry=TelemetryConfig(interval=0.2, heartbeat=1.0))
+    try:
+        res = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "fleet", "collect", "--broker", broker.url,
+                                       "--fleet", "test", "--seconds", "2", "--client-id", "cli-collector"])
+        assert res.exit_code == 0, res.output
+        assert "stored" in res.output and "rejected 0" in res.output
+        rows = _rows(tmp_path / "h" / "fleet.db", "t-cli")
+        assert len(rows) >= 3 and rows[-1]["grp"] == "c"
+    finally:
+        link.stop()
