@@ -156,13 +156,12 @@ def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None
     agent = _agent(state_dir, keyring, arch, threads)
     agent.start()
     doc = agent.status()
-    fleet_file, queue_file = Path(state_dir) / "fleet.json", Path(state_dir) / "telemetry.db"
-    if fleet_file.exists():
-        st = json.loads(fleet_file.read_text())
-        desired = st.get("desired") or {}
-        doc["fleet"] = {"desired": {k: desired.get(k) for k in ("model", "version", "bundle_sha256", "target")}
-                        if desired else None, "installed_sha256": st.get("installed_sha256"),
-                        "error": st.get("error") if st.get("failed_seq") == desired.get("seq") else None}
+    from agent.fleet import state_summary
+    from agent.reporter import OUTBOX_FILE
+
+    if (fleet := state_summary(Path(state_dir))) is not None:
+        doc["fleet"] = fleet
+    queue_file = Path(state_dir) / OUTBOX_FILE
     if queue_file.exists():
         from agent.outbox import Outbox
 

@@ -27,6 +27,30 @@ from agent.store import atomic_write
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # installs of one desired state that may kill the agent before it gives up
+STATE_FILE = "fleet.json"  # in the state dir: last desired state, its seq, installed bundle, attempts
+
+
+def load_state(state_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((state_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {"seq": 0, "installed_sha256": None}
+
+
+def failure(st: dict[str, Any]) -> str | None:
+    """Why the device gave up on its current desired state (None: it has not)."""
+    desired = st.get("desired")
+    return st.get("error", "") if desired and st.get("failed_seq") == desired.get("seq") else None
+
+
+def state_summary(state_dir: Path) -> dict[str, Any] | None:
+    """The fleet state for `edgeship-agent status` (None: this device never followed a fleet)."""
+    if not (state_dir / STATE_FILE).exists():
+        return None
+    st = load_state(state_dir)
+    desired = st.get("desired")
+    return {"desired": {k: desired.get(k) for k in ("model", "version", "bundle_sha256", "target")} if desired
+            else None, "installed_sha256": st.get("installed_sha256"), "error": failure(st)}
 
 
 class FleetLink:
@@ -36,7 +60,6 @@ class FleetLink:
         self.fleet, self.device, self.group = fleet, device_id, group
         self.dir = agent.store.dir / "downloads"
         self.dir.mkdir(exist_ok=True)
-        self.state_path = agent.store.dir / "fleet.json"
         self.q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.client = make_client(f"edgeship-{fleet}-{device_id}", broker)
         self.client.will_set(device_topic(fleet, device_id, "presence"),
@@ -47,9 +70,8 @@ class FleetLink:
         self.rx_bytes = 0  # bundle bytes received for the current transfer (chunks + indexes)
         self.transfer: dict[str, Any] = {}
         self.status, self.error = "idle", ""
-        st = self._load()
-        if st.get("desired") and st.get("failed_seq") == st["desired"].get("seq"):
-            self.status, self.error = "failed", st.get("error", "")  # still true after a restart
+        if (err := failure(self._load())) is not None:
+            self.status, self.error = "failed", err  # still true after a restart
         self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
         self.reporter = Reporter(self, telemetry) if telemetry else None  # telemetry + heartbeat
 
@@ -114,13 +136,10 @@ class FleetLink:
                 log.exception("error handling %s", topic)
 
     def _load(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return {"seq": 0, "installed_sha256": None}
+        return load_state(self.agent.store.dir)
 
     def _save(self, doc: dict[str, Any]) -> None:
-        atomic_write(self.state_path, json.dumps(doc).encode())
+        atomic_write(self.agent.store.dir / STATE_FILE, json.dumps(doc).encode())
 
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -214,10 +233,10 @@ class FleetLink:
         doc = st.get("desired")
         if not doc or st.get("installed_sha256") == doc.get("bundle_sha256") or self.pending is not None:
             return self._subscribe_pending()
-        d = Desired.from_doc(doc, "fleet.json")
-        tries = st.get("attempts") or {}
-        if st.get("failed_seq") == d.seq:
+        if failure(st) is not None:
             return
+        d = Desired.from_doc(doc, STATE_FILE)
+        tries = st.get("attempts") or {}
         if tries.get("seq") == d.seq and tries.get("n", 0) >= MAX_ATTEMPTS:
             self.status = "failed"
             self.error = (f"gave up on {d.model} v{d.version}: the agent stopped during its install "

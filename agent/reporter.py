@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from agent.outbox import Outbox
 from agent.protocol import VERSION, device_topic
-from agent.telemetry import System
+from agent.telemetry import PSI_THRESHOLD, System
 
 if TYPE_CHECKING:
     from agent.fleet import FleetLink
 
 log = logging.getLogger(__name__)
 BATCH = 100
+OUTBOX_FILE = "telemetry.db"  # in the state dir
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class TelemetryConfig:
     interval: float = 10.0  # seconds between records (0: no telemetry records, heartbeat only)
     heartbeat: float = 30.0  # seconds between presence refreshes (0: presence only on connect / last will)
     queue_max: int = 10_000  # records kept while the broker is unreachable (oldest dropped first)
-    drift_psi: float = 0.25  # PSI above which drift is flagged
+    drift_psi: float = PSI_THRESHOLD  # PSI above which drift is flagged
     drift_every: int = 1  # bin every Nth request's inputs
 
 
@@ -36,8 +37,8 @@ class Reporter:
     def __init__(self, link: "FleetLink", cfg: TelemetryConfig):
         self.link, self.cfg = link, cfg
         agent = link.agent
-        agent.drift_every, agent.drift_psi = cfg.drift_every, cfg.drift_psi
-        self.outbox = Outbox(agent.store.dir / "telemetry.db", cfg.queue_max)
+        agent.drift_every = cfg.drift_every
+        self.outbox = Outbox(agent.store.dir / OUTBOX_FILE, cfg.queue_max)
         self.system = System(agent.store.dir)
         self.topic = device_topic(link.fleet, link.device, "telemetry")
         self._stop, self._wake = threading.Event(), threading.Event()
@@ -67,7 +68,7 @@ class Reporter:
                 "interval_s": self.cfg.interval, "model": cur.manifest.name if cur else None,
                 "version": cur.manifest.version if cur else None,
                 "inference": cur.window.snapshot() if cur else {"count": 0, "errors": 0},
-                "drift": cur.drift.snapshot() if cur else None, "system": self.system.snapshot(),
+                "drift": cur.drift.snapshot(self.cfg.drift_psi) if cur else None, "system": self.system.snapshot(),
                 "update": {"status": link.status, "error": link.error,
                            "last": agent.store.load().get("last_update")}}
 

@@ -97,7 +97,6 @@ class Agent:
         self._current: Loaded | None = None
         self._install_lock = threading.Lock()
         self.drift_every = 0  # bin every Nth request's inputs for drift (0: off; telemetry turns it on)
-        self.drift_psi = 0.25
         self._n = 0
 
     def start(self) -> Result | None:
@@ -159,5 +158,5 @@ class Agent:
         m = parse_manifest((folder / "manifest.json").read_bytes())
         if model is None:
             model = load_model(folder / m.model_file, threads=self.threads or m.threads)
-        self._current = Loaded(slot, m, model, Window(), Drift(m, self.drift_psi))
+        self._current = Loaded(slot, m, model, Window(), Drift(m))
         log.info("serving %s (%s) from slot %s", m.id, m.precision, slot)

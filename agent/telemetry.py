@@ -24,6 +24,7 @@ _MIN_MS = 0.001
 _INV_LOG_GROWTH = 1 / math.log(_GROWTH)
 _NBUCKETS = int(math.log(1e6 / _MIN_MS) * _INV_LOG_GROWTH) + 2  # 1 µs .. 1000 s
 PSI_EPS = 1e-4
+PSI_THRESHOLD = 0.25  # PSI above this is a significant shift (the usual rule of thumb)
 DRIFT_SAMPLE = 1024  # input values looked at per request (strided)
 DRIFT_MIN_ROWS = 50  # requests' worth of data before a drift score is reported
 
@@ -71,8 +72,7 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
 class Drift:
     """Input and predicted-class distributions of the active model vs the bundle's reference statistics."""
 
-    def __init__(self, manifest: Manifest, threshold: float = 0.25):
-        self.threshold = threshold
+    def __init__(self, manifest: Manifest):
         self._lock = threading.Lock()
         data = manifest.data
         self.inputs: list[tuple[str, np.ndarray, np.ndarray, float, float] | None] = []
@@ -121,7 +121,7 @@ class Drift:
                 if y is not None and y.ndim == 2 and y.shape[1] == len(p):
                     self.out_counts[k] += np.bincount(y.argmax(1), minlength=len(p))
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self, threshold: float = PSI_THRESHOLD) -> dict[str, Any] | None:
         """Scores once enough requests were seen (then start a new window); None before that."""
         with self._lock:
             if not self.enabled or self.rows < DRIFT_MIN_ROWS:
@@ -137,8 +137,8 @@ class Drift:
             rows = self.rows
             self._reset()
         worst = max([x["psi"] for x in ins + outs] or [0.0])
-        return {"rows": rows, "inputs": ins, "outputs": outs, "max_psi": worst, "flag": worst > self.threshold,
-                "threshold": self.threshold}
+        return {"rows": rows, "inputs": ins, "outputs": outs, "max_psi": worst, "flag": worst > threshold,
+                "threshold": threshold}
 
 
 class System:

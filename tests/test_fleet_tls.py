@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import ROOT
-from fleethelp import needs_mosquitto
+from fleethelp import agent_process, needs_mosquitto
 from mosquitto import Mosquitto
 from toolkit.cli import cli
 
@@ -34,13 +32,8 @@ def tls_broker():
 
 
 def _agent(tmp_path, broker, keyring_dir, name, password):
-    conf = tmp_path / f"{name}.toml"
-    conf.write_text(f'[agent]\nstate_dir = "{tmp_path / name}"\nkeyring = "{keyring_dir}"\ndevice_id = "{name}"\n'
-                    f'arch = "aarch64"\n[http]\nport = 0\n[mqtt]\nbroker = "{broker.url}"\nfleet = "tls"\n'
-                    f'username = "{name}"\npassword = "{password}"\nca_file = "{broker.ca_file}"\n')
-    log = open(tmp_path / f"{name}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(conf)], cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT)
+    return agent_process(tmp_path, broker, keyring_dir, name, fleet="tls", mqtt_extra=(
+        f'username = "{name}"\npassword = "{password}"\nca_file = "{broker.ca_file}"\n'))
 
 
 def test_tls_and_credentials_on_both_sides(tmp_path, tls_broker, settings, fleet_bundles):

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 
 from agent.mqtt import Broker, make_client
 from agent.protocol import bundle_topic, chunk_index, delta_topic
-from conftest import ROOT
-from fleethelp import Watcher, needs_mosquitto, start_agent
+from fleethelp import Watcher, agent_process, needs_mosquitto, start_agent
 from toolkit.publish import Publisher, base_content, publish
 
 pytestmark = needs_mosquitto
@@ -24,6 +20,36 @@ def _raw(broker, name):
     c.connect("127.0.0.1", broker.port)
     c.loop_start()
     return c
+
+
+class Hand:
+    """A publisher driven by hand: the index, chunks and signed desired state, each when the test says."""
+
+    def __init__(self, broker, name, data, key, chunk_size):
+        self.c, self.data, self.key = _raw(broker, name), data, key
+        self.idx = chunk_index(data, chunk_size=chunk_size)
+        self.prefix = bundle_topic("test", self.idx["sha256"])
+        self.n = len(self.idx["chunks"])
+
+    def _pub(self, topic, payload, retain):
+        self.c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def index(self, payload=None, retain=True):
+        self._pub(f"{self.prefix}/index", json.dumps(self.idx) if payload is None else payload, retain)
+
+    def chunks(self, which, retain=True):
+        cs = self.idx["chunk_size"]
+        for i in which:
+            self._pub(f"{self.prefix}/chunk/{i}", self.data[i * cs:(i + 1) * cs], retain)
+
+    def desire(self, device):
+        from agent.protocol import desired_doc, device_topic, sign_message
+
+        doc = desired_doc("digits", 2, self.idx["sha256"], len(self.data), f"device:{device}")
+        self._pub(device_topic("test", device, "desired"), sign_message(doc, self.key.key_id, self.key.sign), True)
+
+    def stop(self):
+        self.c.loop_stop()
 
 
 def test_delta_update_is_applied_and_verified(tmp_path, broker, keyring, signing_key, fleet_bundles):
@@ -81,53 +107,35 @@ def test_corrupt_patch_falls_back_to_the_full_bundle(tmp_path, broker, keyring, 
 
 def test_duplicate_and_out_of_order_chunks(tmp_path, broker, keyring, signing_key, fleet_bundles):
     """Chunks sent last-to-first, each twice and not retained, after the agent asked for them."""
-    from agent.protocol import desired_doc, device_topic, sign_message
-
-    data = fleet_bundles["v2"].read_bytes()
-    idx = chunk_index(data, chunk_size=4096)
-    prefix = bundle_topic("test", idx["sha256"])
-    host = _raw(broker, "host-ooo")
+    host = Hand(broker, "host-ooo", fleet_bundles["v2"].read_bytes(), signing_key, 4096)
     w = Watcher(broker)
     a, link = start_agent(tmp_path, "pi-o", broker, keyring)
     try:
-        host.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True).wait_for_publish(5)
-        doc = desired_doc("digits", 2, idx["sha256"], len(data), "device:pi-o")
-        host.publish(device_topic("test", "pi-o", "desired"), sign_message(doc, signing_key.key_id, signing_key.sign),
-                     qos=1, retain=True).wait_for_publish(5)
+        host.index()
+        host.desire("pi-o")
         assert w.wait(lambda r: r.get("pi-o", {}).get("status") == "downloading", 20), w.reports
         time.sleep(1.0)  # the agent subscribes to the chunks it lacks
-        cs = idx["chunk_size"]
-        for i in reversed(range(len(idx["chunks"]))):
-            for _ in range(2):
-                host.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1).wait_for_publish(5)
+        for i in reversed(range(host.n)):
+            host.chunks([i, i], retain=False)
         assert w.wait(lambda r: r.get("pi-o", {}).get("version") == 2, 30), w.reports
         assert w.reports["pi-o"]["status"] == "installed"
         assert link._worker.is_alive()
     finally:
         link.stop()
-        host.loop_stop()
+        host.stop()
         w.stop()
-
-
-def _agent_proc(tmp_path, broker, keyring_dir, name, faults=""):
-    conf = tmp_path / f"{name}.toml"
-    conf.write_text(f'[agent]\nstate_dir = "{tmp_path / name}"\nkeyring = "{keyring_dir}"\ndevice_id = "{name}"\n'
-                    f'arch = "aarch64"\n[http]\nport = 0\n[mqtt]\nbroker = "{broker.url}"\nfleet = "test"\n')
-    env = {**os.environ, "EDGESHIP_AGENT_FAULTS": faults}
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(conf)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_agent_killed_mid_install_converges_after_restart(tmp_path, broker, settings, signing_key,
                                                            fleet_bundles):
     w = Watcher(broker)
     keyring_dir = settings.keyring_path
-    proc = _agent_proc(tmp_path, broker, keyring_dir, "pi-k", faults="VerifyModel=crash")
+    proc = agent_process(tmp_path, broker, keyring_dir, "pi-k", faults="VerifyModel=crash")
     try:
         publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, device="pi-k")
         assert proc.wait(timeout=120) == -9  # SIGKILL inside the install engine
         assert json.loads((tmp_path / "pi-k" / "state.json").read_text())["update"]["state"] == "VerifyModel"
-        proc = _agent_proc(tmp_path, broker, keyring_dir, "pi-k")  # restart: recovery, then the fleet link resumes
+        proc = agent_process(tmp_path, broker, keyring_dir, "pi-k")  # restart: recovery, then the fleet link resumes
         assert w.wait(lambda r: r.get("pi-k", {}).get("version") == 1 and r["pi-k"]["status"] == "installed",
                       90), w.reports
     finally:
@@ -171,39 +179,30 @@ def test_stale_retained_desired_state_is_ignored(tmp_path, broker, keyring, sign
 def test_agent_killed_mid_transfer_resumes_with_the_missing_chunks(tmp_path, broker, settings, signing_key,
                                                                     fleet_bundles):
     """kill -9 after half of the chunks are on disk; after a restart only the other half is fetched."""
-    from agent.protocol import desired_doc, device_topic, sign_message
-
-    data = fleet_bundles["v2"].read_bytes()
-    idx = chunk_index(data, chunk_size=4096)
-    prefix = bundle_topic("test", idx["sha256"])
-    cs, n = idx["chunk_size"], len(idx["chunks"])
-    host = _raw(broker, "host-kill")
+    host = Hand(broker, "host-kill", fleet_bundles["v2"].read_bytes(), signing_key, 4096)
+    n, half = host.n, host.n // 2
     w = Watcher(broker)
-    host.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True).wait_for_publish(5)
-    for i in range(n // 2):
-        host.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1, retain=True).wait_for_publish(5)
-    doc = desired_doc("digits", 2, idx["sha256"], len(data), "device:pi-m")
-    host.publish(device_topic("test", "pi-m", "desired"), sign_message(doc, signing_key.key_id, signing_key.sign),
-                 qos=1, retain=True).wait_for_publish(5)
-    proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-m")
-    folder = tmp_path / "pi-m" / "downloads" / idx["sha256"]
+    host.index()
+    host.chunks(range(half))
+    host.desire("pi-m")
+    proc = agent_process(tmp_path, broker, settings.keyring_path, "pi-m")
+    folder = tmp_path / "pi-m" / "downloads" / host.idx["sha256"]
     try:
         end = time.time() + 60
-        while time.time() < end and len(list(folder.glob("*.chunk"))) < n // 2:
+        while time.time() < end and len(list(folder.glob("*.chunk"))) < half:
             time.sleep(0.1)
-        assert len(list(folder.glob("*.chunk"))) == n // 2
+        assert len(list(folder.glob("*.chunk"))) == half
         proc.kill()  # SIGKILL mid-transfer
         proc.wait(30)
-        for i in range(n // 2, n):
-            host.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1, retain=True).wait_for_publish(5)
-        proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-m")
+        host.chunks(range(half, n))
+        proc = agent_process(tmp_path, broker, settings.keyring_path, "pi-m")
         assert w.wait(lambda r: r.get("pi-m", {}).get("version") == 2, 60), w.reports
         t = w.reports["pi-m"]["transfer"]
-        assert t["mode"] == "full" and t["bytes"] < 0.6 * len(data) + 2 * len(json.dumps(idx)), t
+        assert t["mode"] == "full" and t["bytes"] < 0.6 * len(host.data) + 2 * len(json.dumps(host.idx)), t
     finally:
         proc.terminate()
         proc.wait(30)
-        host.loop_stop()
+        host.stop()
         w.stop()
 
 
@@ -218,16 +217,16 @@ def test_agent_that_dies_in_every_install_gives_up(tmp_path, broker, settings, s
     proc = None
     try:
         for _ in range(MAX_ATTEMPTS):
-            proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-g", faults="VerifyModel=crash")
+            proc = agent_process(tmp_path, broker, settings.keyring_path, "pi-g", faults="VerifyModel=crash")
             assert proc.wait(timeout=120) == -9
-        proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-g", faults="VerifyModel=crash")
+        proc = agent_process(tmp_path, broker, settings.keyring_path, "pi-g", faults="VerifyModel=crash")
         assert w.wait(lambda r: "gave up" in r.get("pi-g", {}).get("error", ""), 60), w.reports
         assert w.reports["pi-g"]["status"] == "failed" and w.reports["pi-g"]["version"] is None
         time.sleep(1.0)
         assert proc.poll() is None  # it did not try a 4th time
         proc.terminate()
         proc.wait(30)
-        proc = _agent_proc(tmp_path, broker, settings.keyring_path, "pi-g")  # fixed agent, still gave up
+        proc = agent_process(tmp_path, broker, settings.keyring_path, "pi-g")  # fixed agent, still gave up
         time.sleep(3.0)
         assert w.reports["pi-g"]["status"] == "failed"
         publish(fleet_bundles["v1"], b, "test", signing_key, device="pi-g")  # the operator retries
@@ -253,32 +252,24 @@ def test_agent_that_dies_in_every_install_gives_up(tmp_path, broker, settings, s
 
 
 def test_malformed_index_is_ignored_until_a_good_one_arrives(tmp_path, broker, keyring, signing_key, fleet_bundles):
-    from agent.protocol import desired_doc, device_topic, sign_message
-
-    data = fleet_bundles["v2"].read_bytes()
-    idx = chunk_index(data, chunk_size=8192)
-    prefix = bundle_topic("test", idx["sha256"])
-    host = _raw(broker, "host-idx")
+    host = Hand(broker, "host-idx", fleet_bundles["v2"].read_bytes(), signing_key, 8192)
+    idx = host.idx
     w = Watcher(broker)
     a, link = start_agent(tmp_path, "pi-i", broker, keyring)
     try:
-        doc = desired_doc("digits", 2, idx["sha256"], len(data), "device:pi-i")
-        host.publish(device_topic("test", "pi-i", "desired"), sign_message(doc, signing_key.key_id, signing_key.sign),
-                     qos=1, retain=True).wait_for_publish(5)
+        host.desire("pi-i")
         assert w.wait(lambda r: r.get("pi-i", {}).get("status") == "downloading", 20), w.reports
         for bad in (b"\x00garbage", b'{"v": 1, "type": "index"}', json.dumps({**idx, "chunks": idx["chunks"][:-1]}),
                     json.dumps({**idx, "size": 10**12}), json.dumps({**idx, "chunk_size": 0}),
                     json.dumps({**idx, "chunks": [1, 2, 3]})):
-            host.publish(f"{prefix}/index", bad, qos=1).wait_for_publish(5)
+            host.index(bad, retain=False)
         time.sleep(1.0)
         assert link._worker.is_alive() and a.current is None
-        host.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True).wait_for_publish(5)
-        cs = idx["chunk_size"]
+        host.index()
         time.sleep(0.5)
-        for i in range(len(idx["chunks"])):
-            host.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1, retain=True).wait_for_publish(5)
+        host.chunks(range(host.n))
         assert w.wait(lambda r: r.get("pi-i", {}).get("version") == 2, 30), w.reports
     finally:
         link.stop()
-        host.loop_stop()
+        host.stop()
         w.stop()

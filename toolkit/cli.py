@@ -15,6 +15,8 @@ from typing import Any
 import click
 
 from agent.errors import AgentError
+from toolkit.cli_fleet import emit_json as _emit
+from toolkit.cli_fleet import register
 from toolkit.errors import ToolkitError
 from toolkit.settings import Settings
 
@@ -48,10 +50,6 @@ def _dirs(s: Settings) -> list[Path]:
     from toolkit.profiles import search_dirs
 
     return search_dirs(list(s.profiles_dirs))
-
-
-def _emit(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 class _Progress:
@@ -352,9 +350,7 @@ def demo(s: Settings, workdir: Path | None, quick: bool) -> None:
     run_demo(s, workdir or s.home / "demo", quick=quick, echo=click.echo)
 
 
-from toolkit.cli_fleet import register  # noqa: E402  (publish, broker, rollout, fleet)
-
-register(cli)
+register(cli)  # publish, broker, rollout, fleet
 
 
 def main() -> None:

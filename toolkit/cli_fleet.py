@@ -37,7 +37,8 @@ def mqtt_options(fn: Callable) -> Callable:
     return wrapper
 
 
-def _emit(data: Any) -> None:
+def emit_json(data: Any) -> None:
+    """--json output of every command."""
     import json
 
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
@@ -162,7 +163,7 @@ def rollout_status(s: Settings, rollout_id: int | None, conn: Any, fleet_name: s
     ro = _rollouts(s, conn, fleet_name, key)
     rows = [ro.get(rollout_id)] if rollout_id else ro.list()
     if as_json:
-        return _emit(rows)
+        return emit_json(rows)
     for r in rows:
         _show(r)
 
@@ -200,7 +201,7 @@ def fleet_devices(conn: Any, fleet_name: str, as_json: bool) -> None:
 
     rows = devices(conn, fleet_name)
     if as_json:
-        return _emit(rows)
+        return emit_json(rows)
     click.echo(f"{'device':<16} {'group':<12} {'model':<14} {'ver':>4} {'status':<12} {'online':<7} last report")
     for r in rows:
         when = time.strftime("%H:%M:%S", time.localtime(r["t"])) if r.get("t") else "-"
@@ -263,7 +264,7 @@ def fleet_status(s: Settings, db_path: Path | None, window: float, as_json: bool
         rows = status(db, window)
     finally:
         db.close()
-    _emit(rows) if as_json else click.echo(table(rows))
+    emit_json(rows) if as_json else click.echo(table(rows))
 
 
 @fleet.command("watch")

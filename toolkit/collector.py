@@ -1,6 +1,6 @@
 """`edgeship fleet collect`: telemetry and device state from the broker into SQLite (WAL).
 
-paho's network thread only parses and enqueues; one writer thread inserts in batches (one
+paho's network thread only enqueues; one writer thread parses and inserts in batches (one
 transaction per batch). Telemetry is keyed by (device, seq), so a record the device re-sent after
 a reconnect is stored once. Several collectors can share the load through an MQTT shared
 subscription (``$share/<name>/...``) on telemetry; every collector also follows the retained state
@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE TABLE IF NOT EXISTS rejected (t REAL, topic TEXT, reason TEXT);
 """
+
+
+def aggregate(db: sqlite3.Connection, where: str, args: list[Any]) -> tuple[int, int, float | None, int]:
+    """Requests, errors, request-weighted p95 (ms) and the highest drop count over matching telemetry."""
+    n, errs, p95, dropped = db.execute(
+        "SELECT SUM(count), SUM(errors), SUM(p95_ms * count) / NULLIF(SUM(count), 0), MAX(dropped) "
+        f"FROM telemetry WHERE {where}", args).fetchone()
+    return int(n or 0), int(errs or 0), p95, int(dropped or 0)
 
 
 def open_db(path: Path) -> sqlite3.Connection:
@@ -130,7 +138,7 @@ class Collector:
         self.broker, self.fleet, self.db_path, self.share = broker, fleet, db_path, share
         self.retention_s, self._pruned = retention_days * 86400, 0.0
         self.db = open_db(db_path)
-        self.q: queue.Queue[tuple[str, tuple] | None] = queue.Queue()
+        self.q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.received = self.stored = self.rejected = 0
         self.client = make_client(client_id or f"edgeship-collector-{time.time_ns()}", broker,
                                   clean_session=client_id is None)
@@ -158,19 +166,12 @@ class Collector:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.received += 1
-        try:
-            row = parse(msg.topic, msg.payload)
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            self.q.put(("rejected", (time.time(), msg.topic[:200], f"{type(exc).__name__}: {exc}"[:300])))
-            return
-        if row is not None:
-            self.q.put(row)
+        self.q.put((msg.topic, msg.payload))
 
     def _write(self) -> None:
         done = False
         while not done:
-            item = self.q.get()
-            batch = [item]
+            batch = [self.q.get()]
             while len(batch) < 5000:
                 try:
                     batch.append(self.q.get_nowait())
@@ -178,9 +179,16 @@ class Collector:
                     break
             done = None in batch
             rows: dict[str, list[tuple]] = {}
-            for it in batch:
-                if it is not None:
-                    rows.setdefault(it[0], []).append(it[1])
+            for item in batch:
+                if item is None:
+                    continue
+                topic, payload = item
+                try:
+                    row = parse(topic, payload)
+                except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                    row = ("rejected", (time.time(), topic[:200], f"{type(exc).__name__}: {exc}"[:300]))
+                if row is not None:
+                    rows.setdefault(row[0], []).append(row[1])
             try:
                 with self.db:
                     for kind, values in rows.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.store import atomic_write
-from toolkit.collector import open_db
+from toolkit.collector import aggregate, open_db
 
 HEARTBEAT_MISSES = 3  # a device is offline after this many missed heartbeats
 
@@ -29,18 +29,16 @@ def status(db: sqlite3.Connection, window: float = 300, now: float | None = None
     for name in sorted(rows):
         d = rows[name]
         last = db.execute("SELECT * FROM telemetry WHERE device = ? ORDER BY seq DESC LIMIT 1", (name,)).fetchone()
-        agg = db.execute("SELECT SUM(count), SUM(errors), SUM(p95_ms * count) / NULLIF(SUM(count), 0), MAX(dropped)"
-                         " FROM telemetry WHERE device = ? AND t >= ?", (name, now - window)).fetchone()
+        n, errs, p95, dropped = aggregate(db, "device = ? AND t >= ?", [name, now - window])
         hb = d.get("heartbeat_s")  # None: no heartbeat, presence comes from connect + last will only
         seen = d.get("last_seen") or 0
         online = bool(d.get("online")) and (not hb or now - seen <= HEARTBEAT_MISSES * hb)
-        n, errs = agg[0] or 0, agg[1] or 0
         out.append({"device": name, "group": d.get("grp") or (last["grp"] if last else ""), "online": online,
                     "model": d.get("model") or (last["model"] if last else None),
                     "version": d.get("version") if d.get("version") is not None else (last["version"] if last else None),
                     "status": d.get("status"), "requests": n, "error_rate": errs / n if n else None,
-                    "p95_ms": agg[2], "drift": bool(last["drift_flag"]) if last else False,
-                    "max_psi": last["max_psi"] if last else None, "dropped": agg[3] or 0,
+                    "p95_ms": p95, "drift": bool(last["drift_flag"]) if last else False,
+                    "max_psi": last["max_psi"] if last else None, "dropped": dropped,
                     "cpu_temp_c": last["cpu_temp_c"] if last else None, "last_seen": seen or None})
     return out
 

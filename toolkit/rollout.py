@@ -226,9 +226,10 @@ class Rollouts:
 
 
 def _stats(db: sqlite3.Connection, where: str, args: list[Any]) -> tuple[int, float, float | None]:
-    n, errs, p95 = db.execute(f"SELECT SUM(count), SUM(errors), SUM(p95_ms * count) / NULLIF(SUM(count), 0) "
-                              f"FROM telemetry WHERE {where}", args).fetchone()
-    return int(n or 0), (errs or 0) / n if n else 0.0, p95
+    from toolkit.collector import aggregate
+
+    n, errs, p95, _ = aggregate(db, where, args)
+    return n, errs / n if n else 0.0, p95
 
 
 def health_verdict(db: sqlite3.Connection, wave: list[str], version: int, old_versions: list[int],
