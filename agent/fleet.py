@@ -65,7 +65,7 @@ class FleetLink:
         self.client.will_set(device_topic(fleet, device_id, "presence"),
                              json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
         self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
+        self.client.on_message = lambda c, u, msg: self.q.put((msg.topic, msg.payload))
         self.pending: dict[str, Any] | None = None  # the transfer in progress (see _begin)
         self.rx_bytes = 0  # bundle bytes received for the current transfer (chunks + indexes)
         self.transfer: dict[str, Any] = {}
@@ -94,11 +94,6 @@ class FleetLink:
         self.client.loop_stop()
         self.q.put(None)
 
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        if "/bundle/" in msg.topic:
-            self.rx_bytes += len(msg.payload)
-        self.q.put((msg.topic, msg.payload))
-
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
         if getattr(reason, "is_failure", False):
             log.warning("MQTT connect refused: %s", reason)
@@ -118,6 +113,8 @@ class FleetLink:
     def _work(self) -> None:
         while (item := self.q.get()) is not None:
             topic, payload = item
+            if "/bundle/" in topic:
+                self.rx_bytes += len(payload)  # counted here, in order with _begin's reset
             try:
                 if topic == "$resume":
                     self._report()
