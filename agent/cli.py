@@ -93,7 +93,7 @@ def _agent(state_dir: Path, keyring: Path, arch: str | None, threads: int | None
     import platform
 
     from agent.keys import Keyring
-    from agent.service import Agent
+    from agent.serve.service import Agent
 
     return Agent(state_dir, Keyring.load(keyring), arch or platform.machine(), threads, faults=_faults())
 
@@ -156,14 +156,14 @@ def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None
     agent = _agent(state_dir, keyring, arch, threads)
     agent.start()
     doc = agent.status()
-    from agent.fleet import state_summary
-    from agent.reporter import OUTBOX_FILE
+    from agent.fleet.link import state_summary
+    from agent.fleet.reporter import OUTBOX_FILE
 
     if (fleet := state_summary(Path(state_dir))) is not None:
         doc["fleet"] = fleet
     queue_file = Path(state_dir) / OUTBOX_FILE
     if queue_file.exists():
-        from agent.outbox import Outbox
+        from agent.fleet.outbox import Outbox
 
         box = Outbox(queue_file)
         doc["telemetry_queue"] = {"records": len(box), "dropped": box.dropped}
@@ -189,9 +189,9 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     import threading
 
     from agent.config import load_config
-    from agent.http import make_server
+    from agent.serve.http import make_server
     from agent.keys import Keyring
-    from agent.service import Agent
+    from agent.serve.service import Agent
 
     handler = logging.StreamHandler(sys.stdout)  # stdout -> journald under systemd
     handler.setFormatter(_JSONFormatter() if log_json else
@@ -214,11 +214,11 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
         signal.signal(signal.SIGTERM, _term)
     link = None
     if cfg.mqtt_broker:
-        from agent.fleet import FleetLink
-        from agent.mqtt import Broker
+        from agent.fleet.link import FleetLink
+        from agent.fleet.mqtt import Broker
 
         broker = Broker.parse(cfg.mqtt_broker, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_ca_file)
-        from agent.reporter import TelemetryConfig
+        from agent.fleet.reporter import TelemetryConfig
 
         tele = TelemetryConfig(cfg.telemetry_interval, cfg.heartbeat, cfg.telemetry_queue_max, cfg.drift_psi,
                                cfg.drift_every)

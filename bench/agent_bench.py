@@ -41,7 +41,7 @@ t0 = time.perf_counter()
 import numpy as np
 from pathlib import Path
 from agent.keys import Keyring
-from agent.service import Agent
+from agent.serve.service import Agent
 a = Agent(Path(sys.argv[1]), Keyring.load(sys.argv[2]), 'aarch64', threads=1)
 a.start()
 x = np.zeros([1 if d == -1 else d for d in a.current.model.inputs[0].shape], np.float32)
@@ -66,9 +66,9 @@ def p50(fn, runs: int, seconds: float) -> float:
 def bench_model(name: str, bundle: Path, keyring: Path, state: Path, x: np.ndarray, with_http: bool) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
-    from agent.http import make_server, serve_in_thread
+    from agent.serve.http import make_server, serve_in_thread
     from agent.keys import Keyring
-    from agent.service import Agent
+    from agent.serve.service import Agent
 
     agent = Agent(state, Keyring.load(keyring), "aarch64", threads=1)
     agent.start()
@@ -115,9 +115,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-agent.json"))
     args = ap.parse_args()
-    from toolkit.build import BuildOptions, build
+    from toolkit.build.pipeline import BuildOptions, build
     from toolkit.examples import mobilenet_v2, write_digits
-    from toolkit.measure import LatencyConfig
+    from toolkit.build.measure import LatencyConfig
     from toolkit.profiles import find_profile, search_dirs
     from toolkit.signing import load_or_create
 

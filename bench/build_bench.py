@@ -3,7 +3,7 @@
     python bench/build_bench.py [--out docs/benchmarks-build.json]
 
 Models: the digits example (trained here) and a MobileNetV2-shaped model (keras.applications,
-weights=None, 224x224). Latency uses the benchmark_model method (toolkit.latency_worker), 1 thread.
+weights=None, 224x224). Latency uses the benchmark_model method (toolkit.build.latency_worker), 1 thread.
 Also times `edgeship --help` and a 3-profile `edgeship build` of the digits model.
 """
 
@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def variants(source, calib, val, labels, work: Path, onnx: bool) -> list[dict]:
-    from toolkit import convert_onnx, convert_tflite
-    from toolkit.measure import LatencyConfig, compare, run_worker
-    from toolkit.package import npz_bytes
+    from toolkit.build import convert_onnx, convert_tflite
+    from toolkit.build.measure import LatencyConfig, compare, run_worker
+    from toolkit.build.package import npz_bytes
 
     ref = source.predict(val)
     bench = work / "bench.npz"
@@ -79,7 +79,7 @@ def main() -> None:
     print(f"edgeship --help: {results['help_seconds']:.3f} s")
 
     from toolkit.examples import mobilenet_v2, write_digits
-    from toolkit.ingest import load_source
+    from toolkit.build.ingest import load_source
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -30,9 +30,9 @@ import sys, time, threading, logging
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from agent.keys import Keyring
-from agent.mqtt import Broker
-from agent.service import Agent
-from agent.fleet import FleetLink
+from agent.fleet.mqtt import Broker
+from agent.serve.service import Agent
+from agent.fleet.link import FleetLink
 logging.basicConfig(level=logging.ERROR)
 keyring = Keyring.load(Path({keyring!r}))
 links = []
@@ -51,9 +51,9 @@ for link in links:
 
 def make_models(work: Path, home: Path) -> dict[str, Path]:
     """An MLP whose int8 weights make a ~4 MB bundle, and v2 with only the classifier head retrained."""
-    from toolkit.build import BuildOptions, build
+    from toolkit.build.pipeline import BuildOptions, build
     from toolkit.examples import digits_data
-    from toolkit.measure import LatencyConfig
+    from toolkit.build.measure import LatencyConfig
     from toolkit.profiles import find_profile, search_dirs
     from toolkit.signing import load_or_create
     from toolkit.tfenv import import_keras
@@ -98,11 +98,11 @@ def mobilenet_delta(work: Path, home: Path) -> dict:
     only the head's weights changed; both built as full int8 for rpi4-arm64."""
     import numpy as np
 
-    from agent.delta import make_patch
-    from toolkit.build import BuildOptions, build
-    from toolkit.measure import LatencyConfig
+    from agent.fleet.delta import make_patch
+    from toolkit.build.pipeline import BuildOptions, build
+    from toolkit.build.measure import LatencyConfig
     from toolkit.profiles import find_profile, search_dirs
-    from toolkit.publish import base_content
+    from toolkit.fleet.publish import base_content
     from toolkit.signing import load_or_create
     from toolkit.tfenv import import_keras
 
@@ -138,9 +138,9 @@ def mobilenet_delta(work: Path, home: Path) -> dict:
 
 
 def rollout(n: int, bundles: dict[str, Path], key, broker_dir: Path, staged: bool = False) -> dict:
-    from agent.mqtt import Broker, make_client
+    from agent.fleet.mqtt import Broker, make_client
     from mosquitto import Mosquitto
-    from toolkit.publish import Publisher
+    from toolkit.fleet.publish import Publisher
 
     m = Mosquitto(broker_dir).start()
     state = Path(tempfile.mkdtemp(prefix="edgeship-fleet-bench-"))
@@ -166,7 +166,7 @@ def rollout(n: int, bundles: dict[str, Path], key, broker_dir: Path, staged: boo
         res = {"devices": n, "mode": "staged (10% canary, then the rest)" if staged else "one group desired state"}
         for tag, bundle, bases in (("full", bundles["v1"], []), ("delta", bundles["v2"], [bundles["v1"]])):
             if staged:  # the real rollout driver: upload, 10% canary wave, then the rest, then the group state
-                from toolkit.rollout import Rollouts
+                from toolkit.fleet.rollout import Rollouts
 
                 ro = Rollouts(state / "registry.db", b, "bench", lambda: Publisher(b, "bench", key), wait=1.0)
                 t0 = time.perf_counter()

@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 PUBLISHER = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-from agent.mqtt import Broker, make_client
+from agent.fleet.mqtt import Broker, make_client
 devices, per = sys.argv[1:-1], int(sys.argv[-1])
 clients = []
 for d in devices:
@@ -61,10 +61,10 @@ import os, sys, time, numpy as np
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from agent.keys import Keyring
-from agent.mqtt import Broker
-from agent.service import Agent
-from agent.fleet import FleetLink
-from agent.reporter import TelemetryConfig
+from agent.fleet.mqtt import Broker
+from agent.serve.service import Agent
+from agent.fleet.link import FleetLink
+from agent.fleet.reporter import TelemetryConfig
 on = sys.argv[1] == "on"
 kr = Keyring.load(Path({keyring!r}))
 a = Agent(Path(sys.argv[2]), kr, "aarch64")
@@ -87,9 +87,9 @@ print(cpu, rss, i)
 
 
 def collector_rate(devices: int = 100, per: int = 300) -> dict:
-    from agent.mqtt import Broker
+    from agent.fleet.mqtt import Broker
     from mosquitto import Mosquitto
-    from toolkit.collector import Collector, open_db
+    from toolkit.fleet.collector import Collector, open_db
 
     folder = Path(tempfile.mkdtemp(prefix="edgeship-mosq-tbench-"))
     m = Mosquitto(folder).start()
@@ -132,9 +132,9 @@ def main() -> None:
     res = {"collector": collector_rate()}
     print(res, flush=True)
     from mosquitto import Mosquitto
-    from toolkit.build import BuildOptions, build
+    from toolkit.build.pipeline import BuildOptions, build
     from toolkit.examples import write_digits
-    from toolkit.measure import LatencyConfig
+    from toolkit.build.measure import LatencyConfig
     from toolkit.profiles import find_profile, search_dirs
     from toolkit.signing import load_or_create
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import delta
-from agent.http import make_server, serve_in_thread
+from agent.fleet import delta
+from agent.serve.http import make_server, serve_in_thread
 from agent.keys import Keyring
-from agent.service import Agent
+from agent.serve.service import Agent
 
 
 def post(port, path, body):

@@ -51,7 +51,7 @@ def digits_outlier(tmp_path_factory, digits):
 
 @pytest.fixture(scope="session")
 def quick_latency():
-    from toolkit.measure import LatencyConfig
+    from toolkit.build.measure import LatencyConfig
 
     return LatencyConfig(runs=5, seconds=0.02, warmup_runs=1, warmup_seconds=0.01, gate=False)
 
@@ -65,7 +65,7 @@ def profile(settings):
 
 @pytest.fixture(scope="session")
 def make_options(signing_key, quick_latency, profile, digits):
-    from toolkit.build import BuildOptions
+    from toolkit.build.pipeline import BuildOptions
 
     def make(out_dir, profiles, paths=None, **kw):
         paths = paths or digits
@@ -80,7 +80,7 @@ def make_options(signing_key, quick_latency, profile, digits):
 @pytest.fixture(scope="session")
 def digits_build(tmp_path_factory, make_options):
     """One build of the digits example for three profiles (LiteRT, tflite-runtime, ONNX Runtime)."""
-    from toolkit.build import build
+    from toolkit.build.pipeline import build
 
     out = tmp_path_factory.mktemp("dist")
     return build(make_options(out, ["rpi4-arm64", "rpi3-armv7", "x86_64-onnx"], version=1,

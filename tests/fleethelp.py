@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from agent.mqtt import Broker, make_client
-from agent.service import Agent
+from agent.fleet.mqtt import Broker, make_client
+from agent.serve.service import Agent
 
 needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None and not os.path.exists(
     "/usr/sbin/mosquitto"), reason="mosquitto not installed (apt-get install mosquitto)")
 
 
 def start_agent(tmp_path, name, broker, keyring, group="", **link_kw):
-    from agent.fleet import FleetLink
+    from agent.fleet.link import FleetLink
 
     a = Agent(tmp_path / name, keyring, "aarch64")
     a.start()

@@ -28,8 +28,8 @@ def test_agent_smoke_on_emulated_raspberry_pi(digits_build, digits, signing_key,
     with np.load(digits["validation"]) as v:
         x, y = v["image"][:6], v["y"][:6]
     np.save(tmp_path / "x.npy", x)
-    from agent.delta import make_patch
-    from toolkit.publish import base_content
+    from agent.fleet.delta import make_patch
+    from toolkit.fleet.publish import base_content
 
     p = make_patch(base_content(v1), v2.read_bytes())  # v2 reaches the device as a patch against v1
     (tmp_path / "v2.patch").write_bytes(p["patch"])

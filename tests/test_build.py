@@ -8,7 +8,7 @@ import pytest
 from agent.bundle import extract_bundle, verify_bundle
 from agent.golden import replay
 from agent.runtime import load_model
-from toolkit.build import build
+from toolkit.build.pipeline import build
 
 
 def _variant(result, profile, precision):
@@ -43,7 +43,7 @@ def test_int8_tflite_has_integer_io_and_onnx_int8_is_quantized(digits_build):
     assert tfl.outputs[0].dtype == "int8"
     import onnx
 
-    from toolkit.convert_onnx import quant_op_count
+    from toolkit.build.convert_onnx import quant_op_count
 
     q = onnx.load(str(_variant(digits_build, "x86_64-onnx", "int8").file))
     assert quant_op_count(q) > 0

@@ -123,7 +123,7 @@ def test_coral_bundle_is_full_int8_with_uint8_io(make_options, tmp_path, keyring
     import shutil as _sh
 
     from agent.bundle import verify_bundle
-    from toolkit.build import build
+    from toolkit.build.pipeline import build
 
     r = build(make_options(tmp_path / "dist", ["coral-edgetpu"], version=1))
     p = r.profiles[0]

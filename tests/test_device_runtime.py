@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from toolkit.build import build
+from toolkit.build.pipeline import build
 from toolkit.profiles import BUILTIN_DIR, load_profile_file
 
 RUNTIME = "tflite-runtime-2.14.0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit.build import build
+from toolkit.build.pipeline import build
 from toolkit.errors import InputError
 
 

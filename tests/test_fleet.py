@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from agent.mqtt import Broker, make_client
-from agent.protocol import device_topic
-from agent.service import Agent
+from agent.fleet.mqtt import Broker, make_client
+from agent.fleet.protocol import device_topic
+from agent.serve.service import Agent
 from fleethelp import Watcher, needs_mosquitto, start_agent
-from toolkit.publish import publish
+from toolkit.fleet.publish import publish
 
 pytestmark = needs_mosquitto
 
@@ -78,7 +78,7 @@ def test_offline_device_converges_and_bad_messages_are_ignored(tmp_path, broker,
 def test_tampered_chunk_is_ignored_and_transfer_resumes(tmp_path, broker, keyring, signing_key, fleet_bundles):
     """A corrupted retained chunk is refused; after the publisher repairs it, the agent finishes
     without re-downloading the chunks it already had (resume), and after an agent restart too."""
-    from agent.protocol import bundle_topic, chunk_index
+    from agent.fleet.protocol import bundle_topic, chunk_index
 
     data = fleet_bundles["v2"].read_bytes()
     idx = chunk_index(data)
@@ -123,7 +123,7 @@ def test_broker_restart_mid_transfer(tmp_path, broker, keyring, signing_key, fle
 def test_embedded_broker_carries_an_update(tmp_path, keyring, signing_key, fleet_bundles):
     """The zero-set-up broker (amqtt) works with the same agent and publisher code."""
     from mosquitto import free_port
-    from toolkit.broker import EmbeddedBroker
+    from toolkit.fleet.broker import EmbeddedBroker
 
     eb = EmbeddedBroker(port=free_port()).start()
     try:
@@ -170,8 +170,8 @@ def test_bundle_from_http_url(tmp_path, broker, keyring, signing_key, fleet_bund
 
 
 def _rollouts(tmp_path, broker, signing_key):
-    from toolkit.publish import Publisher
-    from toolkit.rollout import Rollouts
+    from toolkit.fleet.publish import Publisher
+    from toolkit.fleet.rollout import Rollouts
 
     b = Broker.parse(broker.url)
     return Rollouts(tmp_path / "registry.db", b, "test", lambda: Publisher(b, "test", signing_key), wait=0.5)
@@ -216,7 +216,7 @@ def test_staged_rollout_canary_then_rest(tmp_path, broker, keyring, signing_key,
 def test_failing_canary_halts_and_rolls_back(tmp_path, broker, keyring, signing_key, fleet_bundles):
     """Canary wave of two: one installs, one refuses (wrong arch) -> halt; the good canary is rolled back
     to v1 and the rest of the group never sees v2."""
-    from agent.fleet import FleetLink
+    from agent.fleet.link import FleetLink
 
     good = [start_agent(tmp_path, n, broker, keyring, group="cell") for n in ("c-a", "c-c")]
     bad_agent = Agent(tmp_path / "c-b", keyring, "x86_64")  # this device refuses aarch64 bundles
@@ -253,7 +253,7 @@ def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyri
     callers send the input v1 accepted, reshaped) -> the telemetry verdict halts and rolls it back."""
     import numpy as np
 
-    from agent.reporter import TelemetryConfig
+    from agent.fleet.reporter import TelemetryConfig
 
     with np.load(digits["validation"]) as v:
         x = v["image"].astype(np.float32)

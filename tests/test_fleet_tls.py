@@ -53,7 +53,7 @@ def test_tls_and_credentials_on_both_sides(tmp_path, tls_broker, settings, fleet
         assert rows["pi-tls"]["version"] == 1 and rows["pi-tls"]["online"], rows
         assert "pi-bad" not in rows  # refused by the broker
         # the ACL: a device cannot speak for another device (mosquitto drops the publish)
-        from agent.mqtt import Broker, connect_blocking, make_client
+        from agent.fleet.mqtt import Broker, connect_blocking, make_client
 
         spoof = make_client("spoof", Broker.parse(tls_broker.url, "pi-tls", "s3cret", str(tls_broker.ca_file)))
         connect_blocking(spoof, Broker.parse(tls_broker.url, "pi-tls", "s3cret", str(tls_broker.ca_file)))

@@ -7,10 +7,10 @@ import hashlib
 import json
 import time
 
-from agent.mqtt import Broker, make_client
-from agent.protocol import bundle_topic, chunk_index, delta_topic
+from agent.fleet.mqtt import Broker, make_client
+from agent.fleet.protocol import bundle_topic, chunk_index, delta_topic
 from fleethelp import Watcher, agent_process, needs_mosquitto, start_agent
-from toolkit.publish import Publisher, base_content, publish
+from toolkit.fleet.publish import Publisher, base_content, publish
 
 pytestmark = needs_mosquitto
 
@@ -43,7 +43,7 @@ class Hand:
             self._pub(f"{self.prefix}/chunk/{i}", self.data[i * cs:(i + 1) * cs], retain)
 
     def desire(self, device):
-        from agent.protocol import desired_doc, device_topic, sign_message
+        from agent.fleet.protocol import desired_doc, device_topic, sign_message
 
         doc = desired_doc("digits", 2, self.idx["sha256"], len(self.data), f"device:{device}")
         self._pub(device_topic("test", device, "desired"), sign_message(doc, self.key.key_id, self.key.sign), True)
@@ -147,7 +147,7 @@ def test_agent_killed_mid_install_converges_after_restart(tmp_path, broker, sett
 def test_stale_retained_desired_state_is_ignored(tmp_path, broker, keyring, signing_key, fleet_bundles):
     """An older signed desired state replayed as the retained message (or left behind by a broker) must not
     downgrade a device, neither live nor after the agent restarts."""
-    from agent.protocol import device_topic
+    from agent.fleet.protocol import device_topic
 
     b = Broker.parse(broker.url)
     topic = device_topic("test", "pi-s", "desired")
@@ -209,7 +209,7 @@ def test_agent_killed_mid_transfer_resumes_with_the_missing_chunks(tmp_path, bro
 def test_agent_that_dies_in_every_install_gives_up(tmp_path, broker, settings, signing_key, fleet_bundles):
     """A bundle that kills the agent during its install (e.g. a runtime abort) is tried 3 times, then the
     device reports it gave up instead of crash-looping; publishing it again (new desired state) retries."""
-    from agent.fleet import MAX_ATTEMPTS
+    from agent.fleet.link import MAX_ATTEMPTS
 
     b = Broker.parse(broker.url)
     w = Watcher(broker)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit.build import BuildFailed, build
+from toolkit.build.pipeline import BuildFailed, build
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def test_budget_failures_are_reported(make_options, tmp_path, profile):
 
 def test_latency_budget_gate_and_choice_logic(profile):
     """Pure gate logic with given measurements (no timing in tests)."""
-    from toolkit.gate import VariantResult, choose, gate
-    from toolkit.measure import LatencyConfig
+    from toolkit.build.gate import VariantResult, choose, gate
+    from toolkit.build.measure import LatencyConfig
 
     rpi4 = profile("rpi4-arm64")  # p95 budget 150 ms, device slowdown x5
     cfg = LatencyConfig()

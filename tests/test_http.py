@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from agent.http import make_server, serve_in_thread
-from agent.service import Agent
+from agent.serve.http import make_server, serve_in_thread
+from agent.serve.service import Agent
 from conftest import ROOT
 
 

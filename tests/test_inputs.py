@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolkit.build import build
+from toolkit.build.pipeline import build
 from toolkit.errors import ConversionError, InputError, ProfileError
 
 
@@ -81,8 +81,8 @@ def test_onnx_source_and_quantization(make_options, tmp_path, digits):
     """An ONNX model (made by tf2onnx here) builds for an ONNX profile with real QDQ int8."""
     import onnx
 
-    from toolkit.convert_onnx import to_onnx
-    from toolkit.ingest import load_source
+    from toolkit.build.convert_onnx import to_onnx
+    from toolkit.build.ingest import load_source
 
     path = tmp_path / "digits.onnx"
     onnx.save(to_onnx(load_source(digits["model"]), 17), str(path))
@@ -114,7 +114,7 @@ def _constant_weight_model(path):
 def test_onnx_constant_node_weights_are_quantized(tmp_path, digits):
     import onnx
 
-    from toolkit.convert_onnx import quant_op_count, quantize
+    from toolkit.build.convert_onnx import quant_op_count, quantize
 
     path = tmp_path / "constw.onnx"
     _constant_weight_model(path)
@@ -128,7 +128,7 @@ def test_onnx_constant_node_weights_are_quantized(tmp_path, digits):
 def test_onnx_nothing_to_quantize_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
-    from toolkit.convert_onnx import quantize
+    from toolkit.build.convert_onnx import quantize
 
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],

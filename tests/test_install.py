@@ -15,7 +15,7 @@ import pytest
 
 from agent.bundle import write_bundle
 from agent.keys import Keyring
-from agent.service import Agent
+from agent.serve.service import Agent
 from conftest import ROOT
 
 
@@ -261,12 +261,12 @@ from click.testing import CliRunner
 from agent.cli import cli
 args = ["run", "--state-dir", {str(tmp_path / "st")!r}, "--keyring", {str(settings.keyring_path)!r},
         "--port", "0", "--install", {str(bundle)!r}]
-import agent.service
-orig = agent.service.Agent.start
+import agent.serve.service
+orig = agent.serve.service.Agent.start
 started = []
 def start(self):
     started.append(self); return orig(self)
-agent.service.Agent.start = start
+agent.serve.service.Agent.start = start
 res = []
 t = threading.Thread(target=lambda: res.append(CliRunner().invoke(cli, args)), daemon=True); t.start()
 for _ in range(200):
@@ -283,13 +283,13 @@ os.write(1, (json.dumps(sorted({{m.split(".")[0] for m in sys.modules}})) + "\\n
 
 def test_commit_reuses_the_model_verify_loaded(tmp_path, keyring, bundles, monkeypatch):
     """The model is loaded once per update: the hot swap takes the instance VerifyModel checked."""
-    import agent.service
+    import agent.serve.service
 
     a = make_agent(tmp_path, keyring)
 
     def no_second_load(*args, **kwargs):
         raise AssertionError("model loaded a second time on commit")
 
-    monkeypatch.setattr(agent.service, "load_model", no_second_load)
+    monkeypatch.setattr(agent.serve.service, "load_model", no_second_load)
     assert a.install(bundles["v1"]).ok
     assert a.current.manifest.version == 1 and a.predict(X)["probs"].shape == (3, 10)

@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from agent.mqtt import Broker, make_client
-from agent.reporter import TelemetryConfig
-from agent.service import Agent
+from agent.fleet.mqtt import Broker, make_client
+from agent.fleet.reporter import TelemetryConfig
+from agent.serve.service import Agent
 from fleethelp import Watcher, needs_mosquitto, start_agent
-from toolkit.collector import Collector, open_db
-from toolkit.publish import publish
+from toolkit.fleet.collector import Collector, open_db
+from toolkit.fleet.publish import publish
 
 pytestmark = needs_mosquitto
 OUTAGE_S = 60
@@ -177,8 +177,8 @@ def test_offline_after_missed_heartbeats_and_watch(tmp_path):
     from click.testing import CliRunner
 
     from toolkit.cli import cli
-    from toolkit.collector import SQL, parse
-    from toolkit.fleetview import status
+    from toolkit.fleet.collector import SQL, parse
+    from toolkit.fleet.views import status
 
     db = open_db(tmp_path / "fleet.db")
     now = time.time()
@@ -221,7 +221,7 @@ def test_shared_subscription_splits_telemetry_between_collectors(tmp_path, broke
 
 def test_cpu_temperature_from_sysfs_layout(tmp_path):
     """Raspberry Pi OS exposes millidegrees in /sys/class/thermal/thermal_zone*/temp; no zones -> None."""
-    from agent.telemetry import cpu_temperature
+    from agent.fleet.telemetry import cpu_temperature
 
     assert cpu_temperature(tmp_path) is None
     for i, v in enumerate(("48312", "51234", "garbage")):
@@ -232,7 +232,7 @@ def test_cpu_temperature_from_sysfs_layout(tmp_path):
 
 def test_collector_retention(tmp_path):
     """Old telemetry and old rejected-message notes are pruned; recent rows stay."""
-    from toolkit import collector as c
+    from toolkit.fleet import collector as c
 
     col = c.Collector(Broker.parse("mqtt://127.0.0.1:1"), "f", tmp_path / "fleet.db", retention_days=1)
     now = time.time()

@@ -105,12 +105,12 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
           key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool,
           keep_variants: bool, variant: str | None, quick: bool, as_json: bool) -> None:
     """Convert MODEL for each device profile, validate every variant and write signed bundles."""
-    from toolkit.build import BuildFailed, BuildOptions, build as run_build, write_summary
+    from toolkit.build.pipeline import BuildFailed, BuildOptions, build as run_build, write_summary
     from toolkit.errors import InputError
-    from toolkit.measure import LatencyConfig
+    from toolkit.build.measure import LatencyConfig
     from toolkit.profiles import find_profile
     from toolkit.registry import Registry
-    from toolkit.report import write_report
+    from toolkit.build.report import write_report
     from toolkit.signing import load_key, load_or_create
 
     profs = [find_profile(p, _dirs(s)) for p in profiles]
@@ -345,7 +345,7 @@ def runtimes_list(s: Settings) -> None:
 @click.pass_obj
 def demo(s: Settings, workdir: Path | None, quick: bool) -> None:
     """Train the digits example, build it for three profiles, verify and run a bundle."""
-    from toolkit.demo import run_demo
+    from toolkit.demo.story import run_demo
 
     run_demo(s, workdir or s.home / "demo", quick=quick, echo=click.echo)
 

@@ -28,7 +28,7 @@ def mqtt_options(fn: Callable) -> Callable:
 
     def wrapper(*args: Any, broker: str, username: str | None, password: str | None, ca_file: str | None,
                 **kw: Any) -> Any:
-        from agent.mqtt import Broker
+        from agent.fleet.mqtt import Broker
 
         return fn(*args, conn=Broker.parse(broker, username, password, ca_file), **kw)
 
@@ -57,7 +57,7 @@ def emit_json(data: Any) -> None:
 def publish(s: Settings, bundle: Path, device: str | None, group: str | None, conn: Any, fleet_name: str,
             key: Path | None, url: str, delta_from: tuple[Path, ...]) -> None:
     """Publish BUNDLE as resumable chunks and set the signed desired state of a device or group."""
-    from toolkit.publish import publish as do_publish
+    from toolkit.fleet.publish import publish as do_publish
     from toolkit.signing import load_key
 
     res = do_publish(bundle, conn, fleet_name, load_key(key or s.key_path), device=device, group=group, url=url,
@@ -75,7 +75,7 @@ def broker(host: str, port: int) -> None:
     """Run the embedded MQTT broker (zero set-up; use Mosquitto/EMQX/HiveMQ in production)."""
     import signal
 
-    from toolkit.broker import EmbeddedBroker
+    from toolkit.fleet.broker import EmbeddedBroker
 
     eb = EmbeddedBroker(host, port).start()
     click.echo(f"embedded broker on {eb.url} (Ctrl-C to stop)")
@@ -89,8 +89,8 @@ def broker(host: str, port: int) -> None:
 
 # ---------------------------------------------------------------- rollout
 def _rollouts(s: Settings, conn: Any, fleet_name: str, key: Path | None, fleet_db: Path | None = None):
-    from toolkit.publish import Publisher
-    from toolkit.rollout import Rollouts
+    from toolkit.fleet.publish import Publisher
+    from toolkit.fleet.rollout import Rollouts
     from toolkit.signing import load_key
 
     signing = load_key(key or s.key_path)
@@ -197,7 +197,7 @@ def fleet() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def fleet_devices(conn: Any, fleet_name: str, as_json: bool) -> None:
     """Devices with group, model version, update status, online/offline and last report (live from the broker)."""
-    from toolkit.fleet import devices
+    from toolkit.fleet.watcher import devices
 
     rows = devices(conn, fleet_name)
     if as_json:
@@ -228,7 +228,7 @@ def fleet_collect(s: Settings, conn: Any, fleet_name: str, db_path: Path | None,
     """Store all telemetry and device state in SQLite (WAL)."""
     import socket
 
-    from toolkit.collector import Collector
+    from toolkit.fleet.collector import Collector
 
     path = db_path or s.home / "fleet.db"
     cid = client_id or f"edgeship-collector-{socket.gethostname()}-{fleet_name}" + (f"-{share}" if share else "")
@@ -256,8 +256,8 @@ def _forever() -> None:
 @click.pass_obj
 def fleet_status(s: Settings, db_path: Path | None, window: float, as_json: bool) -> None:
     """Device, group, online, model version, p95, error rate, drift, last seen (from the collector's database)."""
-    from toolkit.collector import open_db
-    from toolkit.fleetview import status, table
+    from toolkit.fleet.collector import open_db
+    from toolkit.fleet.views import status, table
 
     db = open_db(db_path or s.home / "fleet.db")
     try:
@@ -275,8 +275,8 @@ def fleet_status(s: Settings, db_path: Path | None, window: float, as_json: bool
 @click.pass_obj
 def fleet_watch(s: Settings, db_path: Path | None, window: float, interval: float, iterations: int) -> None:
     """Live fleet status, refreshed (run `edgeship fleet collect` alongside). Ctrl-C to stop."""
-    from toolkit.collector import open_db
-    from toolkit.fleetview import status, table
+    from toolkit.fleet.collector import open_db
+    from toolkit.fleet.views import status, table
 
     db = open_db(db_path or s.home / "fleet.db")
     n = 0
@@ -301,7 +301,7 @@ def fleet_watch(s: Settings, db_path: Path | None, window: float, interval: floa
 @click.pass_obj
 def fleet_report(s: Settings, db_path: Path | None, out: Path) -> None:
     """HTML report: latency per version over time, throughput, errors, rollout progress, drift."""
-    from toolkit.fleetview import write_report
+    from toolkit.fleet.views import write_report
 
     click.echo(f"report: {write_report(db_path or s.home / 'fleet.db', out)}")
 

@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.outbox import Outbox
-from agent.protocol import VERSION, device_topic
-from agent.telemetry import PSI_THRESHOLD, System
+from agent.fleet.outbox import Outbox
+from agent.fleet.protocol import VERSION, device_topic
+from agent.fleet.telemetry import PSI_THRESHOLD, System
 
 if TYPE_CHECKING:
-    from agent.fleet import FleetLink
+    from agent.fleet.link import FleetLink
 
 log = logging.getLogger(__name__)
 BATCH = 100

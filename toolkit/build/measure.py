@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def run_worker(model_path: Path, threads: int, inputs_npz: Path | None, cfg: Lat
                timeout: float = 600, eval_inputs: Path | None = None,
                eval_out: Path | None = None) -> dict[str, Any]:
     """Load and time ``model_path`` in a fresh process (own RSS; optionally another Python/runtime)."""
-    cmd = [python or sys.executable, "-m", "toolkit.latency_worker", str(model_path),
+    cmd = [python or sys.executable, "-m", "toolkit.build.latency_worker", str(model_path),
            "--threads", str(threads), "--warmup-runs", str(cfg.warmup_runs),
            "--warmup-seconds", str(cfg.warmup_seconds), "--runs", str(cfg.runs),
            "--seconds", str(cfg.seconds)]

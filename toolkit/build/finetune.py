@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.data import Dataset
+from toolkit.build.data import Dataset
 from toolkit.errors import ConversionError, InputError
-from toolkit.ingest import SourceModel
+from toolkit.build.ingest import SourceModel
 from toolkit.tfenv import import_keras
 
 

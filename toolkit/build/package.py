@@ -15,7 +15,7 @@ from agent.bundle import write_bundle
 from agent.manifest import FORMATS, Manifest
 from agent.runtime import Model, load_model
 from toolkit import __version__
-from toolkit.gate import VariantResult
+from toolkit.build.gate import VariantResult
 from toolkit.profiles import Profile
 from toolkit.signing import SigningKey
 

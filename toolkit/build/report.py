@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from agent.store import atomic_write
 
 if TYPE_CHECKING:
-    from toolkit.build import BuildResult
+    from toolkit.build.pipeline import BuildResult
 
 
 def _plots(result: "BuildResult") -> str:

@@ -8,8 +8,8 @@ import threading
 import time
 from typing import Any
 
-from agent.mqtt import Broker, connect_blocking, make_client
-from agent.protocol import PREFIX
+from agent.fleet.mqtt import Broker, connect_blocking, make_client
+from agent.fleet.protocol import PREFIX
 
 REPORTED_FIELDS = ("group", "model", "version", "status", "error", "t", "installed_sha256", "transfer", "seq")
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from toolkit import convert_onnx, convert_tflite
+from toolkit.build import convert_onnx, convert_tflite
 from toolkit.errors import ConversionError
-from toolkit.ingest import SourceModel
+from toolkit.build.ingest import SourceModel
 from toolkit.profiles import Profile
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.measure import LatencyConfig, compare, run_worker
+from toolkit.build.measure import LatencyConfig, compare, run_worker
 from toolkit.profiles import Profile
 
 

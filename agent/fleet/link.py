@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.keys import Keyring
-from agent.mqtt import Broker, make_client
-from agent import delta
-from agent.protocol import (Desired, ProtocolError, bundle_topic, delta_topic, device_topic, group_topic,
+from agent.fleet.mqtt import Broker, make_client
+from agent.fleet import delta
+from agent.fleet.protocol import (Desired, ProtocolError, bundle_topic, delta_topic, device_topic, group_topic,
                             parse_message)
-from agent.reporter import Reporter, TelemetryConfig
-from agent.service import Agent
+from agent.fleet.reporter import Reporter, TelemetryConfig
+from agent.serve.service import Agent
 from agent.store import atomic_write
 
 log = logging.getLogger(__name__)

@@ -81,13 +81,13 @@ def infer(port: int, model: str, x: np.ndarray) -> np.ndarray:
 def run_fleet(workdir: Path, keyring: Path, registry: Path, key, v1: Path, build_v2: Callable[[], Path],
               x: np.ndarray, y: np.ndarray, echo: Callable[[str], None], agents: int = 4) -> dict:
     from agent.bundle import inspect_bundle
-    from agent.mqtt import Broker
-    from toolkit.broker import EmbeddedBroker
-    from toolkit.collector import Collector, open_db
-    from toolkit.fleet import devices
-    from toolkit.fleetview import status, table, write_report
-    from toolkit.publish import Publisher
-    from toolkit.rollout import Rollouts
+    from agent.fleet.mqtt import Broker
+    from toolkit.fleet.broker import EmbeddedBroker
+    from toolkit.fleet.collector import Collector, open_db
+    from toolkit.fleet.watcher import devices
+    from toolkit.fleet.views import status, table, write_report
+    from toolkit.fleet.publish import Publisher
+    from toolkit.fleet.rollout import Rollouts
 
     folder = workdir / "fleet"
     shutil.rmtree(folder, ignore_errors=True)

@@ -19,17 +19,17 @@ import numpy as np
 
 from agent.manifest import FORMATS
 from agent.store import atomic_write
-from toolkit import edgetpu, selective
-from toolkit.data import Dataset, load_dataset
+from toolkit.build import edgetpu, selective
+from toolkit.build.data import Dataset, load_dataset
 from toolkit.errors import ConversionError, InputError, ValidationError
-from toolkit.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
-from toolkit.ingest import load_source
-from toolkit.measure import LatencyConfig
-from toolkit.package import input_stats, npz_bytes, write
+from toolkit.build.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
+from toolkit.build.ingest import load_source
+from toolkit.build.measure import LatencyConfig
+from toolkit.build.package import input_stats, npz_bytes, write
 from toolkit.profiles import Profile
 from toolkit.registry import Registry
 from toolkit.signing import SigningKey
-from toolkit.variants import VariantFactory
+from toolkit.build.variants import VariantFactory
 
 Progress = Callable[[str], None]
 
@@ -111,13 +111,13 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
     reference = source.predict(val.inputs)
     keras_model = qat_model = None
     if opts.prune:
-        from toolkit import finetune
+        from toolkit.build import finetune
 
         progress(f"pruning to {opts.prune:.0%} sparsity")
         keras_model, sparsity = finetune.prune(source, train, opts.prune, opts.epochs)
         notes.append(f"pruned with tfmot: {sparsity:.1%} of kernel weights are zero")
     if opts.qat:
-        from toolkit import finetune
+        from toolkit.build import finetune
 
         progress("quantization-aware training")
         qat_model = finetune.qat(source, train, opts.epochs, base=keras_model)

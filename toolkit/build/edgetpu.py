@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from toolkit.errors import ConversionError
-from toolkit.gate import VariantResult
+from toolkit.build.gate import VariantResult
 from toolkit.profiles import Profile
 
 

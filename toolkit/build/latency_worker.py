@@ -1,6 +1,6 @@
 """Measure one model the way TFLite's benchmark_model does, in a fresh process.
 
-Run as ``python -m toolkit.latency_worker MODEL --threads N [--inputs x.npz]``; prints one JSON line.
+Run as ``python -m toolkit.build.latency_worker MODEL --threads N [--inputs x.npz]``; prints one JSON line.
 It imports only numpy and the agent's runtime layer, so it also runs inside a device-runtime
 environment (e.g. a venv with tflite-runtime 2.14 and numpy<2) to check that a model loads there.
 Steps: init (load + allocate), first inference, warm-up (>= min runs and >= min seconds), then the

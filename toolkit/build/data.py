@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import InputError
-from toolkit.ingest import IOSpec
+from toolkit.build.ingest import IOSpec
 
 LABEL_KEYS = ("y", "labels")
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.convert_tflite import run_converter
+from toolkit.build.convert_tflite import run_converter
 from toolkit.errors import ConversionError
-from toolkit.ingest import SourceModel
+from toolkit.build.ingest import SourceModel
 from toolkit.tfenv import import_tf
 
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from toolkit.errors import ConversionError
-from toolkit.ingest import SourceModel
+from toolkit.build.ingest import SourceModel
 from toolkit.tfenv import import_tf
 
 CALIBRATION_SAMPLES = 200

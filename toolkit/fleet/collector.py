@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.mqtt import Broker, connect_blocking, make_client
-from agent.protocol import PREFIX
+from agent.fleet.mqtt import Broker, connect_blocking, make_client
+from agent.fleet.protocol import PREFIX
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.bundle import inspect_bundle
-from agent.mqtt import Broker, connect_blocking, make_client
-from agent import delta
-from agent.protocol import bundle_topic, chunk_index, delta_topic, desired_doc, device_topic, group_topic, sign_message
+from agent.fleet.mqtt import Broker, connect_blocking, make_client
+from agent.fleet import delta
+from agent.fleet.protocol import bundle_topic, chunk_index, delta_topic, desired_doc, device_topic, group_topic, sign_message
 from toolkit.errors import BundleError, ToolkitError
 from toolkit.signing import SigningKey
 
@@ -78,7 +78,7 @@ class Publisher:
 
 
 def base_content(bundle: Path) -> bytes:
-    """What a device running ``bundle`` patches against (its files in manifest order, see agent.delta)."""
+    """What a device running ``bundle`` patches against (its files in manifest order, see agent.fleet.delta)."""
     import tarfile
 
     doc, _ = inspect_bundle(bundle)

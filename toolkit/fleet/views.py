@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.store import atomic_write
-from toolkit.collector import aggregate, open_db
+from toolkit.fleet.collector import aggregate, open_db
 
 HEARTBEAT_MISSES = 3  # a device is offline after this many missed heartbeats
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from agent import __version__
 from agent.errors import AgentError, InputError
-from agent.service import Agent, NotReadyError
+from agent.serve.service import Agent, NotReadyError
 
 log = logging.getLogger(__name__)
 V2_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT8": np.int8, "UINT8": np.uint8,

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolkit.convert_tflite import configure, converter_for, representative, run_converter
+from toolkit.build.convert_tflite import configure, converter_for, representative, run_converter
 from toolkit.errors import ConversionError
-from toolkit.ingest import SourceModel
+from toolkit.build.ingest import SourceModel
 from toolkit.tfenv import import_tf
 
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.mqtt import Broker
+from agent.fleet.mqtt import Broker
 from toolkit.errors import ToolkitError
-from toolkit.fleet import FleetWatcher, devices
-from toolkit.publish import Publisher
+from toolkit.fleet.watcher import FleetWatcher, devices
+from toolkit.fleet.publish import Publisher
 
 POLL_S = 0.25  # how often a waiting wave looks at the live reports
 MIN_REQUESTS = 20  # fewer requests than this on either side: no telemetry verdict
@@ -203,7 +203,7 @@ class Rollouts:
 
     def _observe(self, r: dict[str, Any], wave: list[str]) -> str:
         """Collect telemetry for the observation window; '' when the wave is healthy, else why not."""
-        from toolkit.collector import Collector, open_db
+        from toolkit.fleet.collector import Collector, open_db
 
         plan = r["plan"]
         since = time.time()
@@ -226,7 +226,7 @@ class Rollouts:
 
 
 def _stats(db: sqlite3.Connection, where: str, args: list[Any]) -> tuple[int, float, float | None]:
-    from toolkit.collector import aggregate
+    from toolkit.fleet.collector import aggregate
 
     n, errs, p95, _ = aggregate(db, where, args)
     return n, errs / n if n else 0.0, p95

@@ -25,13 +25,13 @@ def run_demo(s: Settings, workdir: Path, quick: bool = False, echo: Callable[[st
     from agent.golden import replay
     from agent.keys import Keyring
     from agent.runtime import load_model
-    from toolkit.build import BuildOptions, build
-    from toolkit.demo_fleet import run_fleet
+    from toolkit.build.pipeline import BuildOptions, build
+    from toolkit.demo.fleet import run_fleet
     from toolkit.examples import write_digits
-    from toolkit.measure import LatencyConfig
+    from toolkit.build.measure import LatencyConfig
     from toolkit.profiles import find_profile, search_dirs
     from toolkit.registry import Registry
-    from toolkit.report import write_report
+    from toolkit.build.report import write_report
     from toolkit.signing import load_or_create
 
     echo(f"1/7 training the digits example into {workdir}")

@@ -23,7 +23,7 @@ from agent.keys import Keyring
 from agent.manifest import Manifest, parse_manifest
 from agent.runtime import Model, load_model
 from agent.store import Store
-from agent.telemetry import Drift, Window
+from agent.fleet.telemetry import Drift, Window
 
 log = logging.getLogger(__name__)
 BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)

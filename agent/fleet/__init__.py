@@ -1,0 +1,1 @@
+"""Fleet (device side): protocol, MQTT link, transfer, delta, telemetry, outbox."""

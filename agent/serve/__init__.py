@@ -1,0 +1,1 @@
+"""Serving: the running agent (hot swap, metrics) and its local HTTP API."""

@@ -1,0 +1,1 @@
+"""Build pipeline: ingest -> convert -> variants -> gate -> package."""

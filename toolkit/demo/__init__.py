@@ -1,0 +1,1 @@
+"""`edgeship demo`: the whole story on the built-in example."""

@@ -1,0 +1,1 @@
+"""Fleet (host side): publish, rollouts, collector, views."""
