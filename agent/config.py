@@ -14,11 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from agent.errors import AgentError
-
-
-class ConfigError(AgentError):
-    """The agent configuration is missing a value or has a wrong one."""
+from agent.errors import ConfigError
 
 
 @dataclass(frozen=True)

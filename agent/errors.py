@@ -40,3 +40,31 @@ class InputError(AgentError):
 
 class KeyringError(AgentError):
     """A trusted key file cannot be read or parsed."""
+
+
+class ConfigError(AgentError):
+    """The agent configuration is missing a value or has a wrong one."""
+
+
+class StateError(AgentError):
+    """The agent's state file is unreadable."""
+
+
+class NotReadyError(AgentError):
+    """No model is installed yet."""
+
+
+class ProtocolError(AgentError):
+    """An MQTT message is malformed, unsigned, stale or not for this device."""
+
+
+class DeltaError(AgentError):
+    """A patch could not be made, applied, or did not rebuild the expected bundle."""
+
+
+class HTTPError(AgentError):
+    """An HTTP request the local API refuses; carries the status code to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

@@ -12,13 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError
+from agent.errors import StateError
 
 STATE_FILE = "state.json"
-
-
-class StateError(AgentError):
-    """The agent's state file is unreadable."""
 
 
 def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import ConfigError, load_config
+from agent.config import load_config
+from agent.errors import ConfigError
 
 
 def test_precedence(tmp_path):

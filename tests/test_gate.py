@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit.build.pipeline import BuildFailed, build
+from toolkit.build.pipeline import build
+from toolkit.errors import BuildFailed
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,8 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
           key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool,
           keep_variants: bool, variant: str | None, quick: bool, as_json: bool) -> None:
     """Convert MODEL for each device profile, validate every variant and write signed bundles."""
-    from toolkit.build.pipeline import BuildFailed, BuildOptions, build as run_build, write_summary
+    from toolkit.build.pipeline import BuildOptions, build as run_build, write_summary
+    from toolkit.errors import BuildFailed
     from toolkit.errors import InputError
     from toolkit.build.measure import LatencyConfig
     from toolkit.profiles import find_profile

@@ -1,5 +1,9 @@
 """The toolkit's one error root. The CLI turns these into clean messages and exit codes."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class ToolkitError(Exception):
     """Root of every error the host toolkit raises on purpose."""
@@ -37,3 +41,11 @@ class SigningKeyError(ToolkitError):
 
 class RegistryError(ToolkitError):
     """The build registry cannot be opened or written."""
+
+
+class BuildFailed(ValidationError):
+    """No variant passed for at least one profile; bundles of the other profiles were written."""
+
+    def __init__(self, result: Any, message: str):
+        super().__init__(message, result.table())
+        self.result = result

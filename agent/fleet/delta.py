@@ -14,15 +14,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
-from agent.errors import AgentError
+from agent.errors import DeltaError
 
 CODEC = "zstd"
 LEVEL = 19
 MAX_WINDOW_LOG = 30  # 1 GiB: the decoder refuses patches that ask for more
-
-
-class DeltaError(AgentError):
-    """A patch could not be made, applied, or did not rebuild the expected bundle."""
 
 
 def available() -> bool:

@@ -19,7 +19,8 @@ from typing import Any
 from agent.keys import Keyring
 from agent.fleet.mqtt import Broker, make_client
 from agent.fleet import delta
-from agent.fleet.protocol import (Desired, ProtocolError, bundle_topic, delta_topic, device_topic, group_topic,
+from agent.errors import DeltaError, ProtocolError
+from agent.fleet.protocol import (Desired, bundle_topic, delta_topic, device_topic, group_topic,
                             parse_message)
 from agent.fleet.reporter import Reporter, TelemetryConfig
 from agent.serve.service import Agent
@@ -358,7 +359,7 @@ class FleetLink:
             try:
                 self._apply_delta(p, folder / "patch", bundle)
                 mode = "delta"
-            except (delta.DeltaError, OSError, ValueError) as exc:
+            except (DeltaError, OSError, ValueError) as exc:
                 log.warning("bundle %s: %s; falling back to the full bundle", d.sha256[:12], exc)
                 shutil.rmtree(folder, ignore_errors=True)
                 p.update(base=None, index=None, no_delta=True, prefix=bundle_topic(self.fleet, d.sha256))
@@ -370,10 +371,10 @@ class FleetLink:
     def _apply_delta(self, p: dict[str, Any], patch: Path, bundle: Path) -> None:
         d: Desired = p["desired"]
         if self.agent.current is None:
-            raise delta.DeltaError("no active bundle to apply the patch to")
+            raise DeltaError("no active bundle to apply the patch to")
         base = self._base_content()
         if hashlib.sha256(base).hexdigest() != p["base"]:
-            raise delta.DeltaError("the bundle the patch is based on is no longer active")
+            raise DeltaError("the bundle the patch is based on is no longer active")
         data = delta.apply_patch(base, patch.read_bytes(), d.sha256, d.size, int(p["index"]["delta"]["window_log"]))
         atomic_write(bundle, data, durable=False)  # verified again by the install engine
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ProtocolError
 from agent.keys import Keyring
 from agent.manifest import canonical_json
 
@@ -20,10 +20,6 @@ VERSION = 1
 PREFIX = f"edgeship/v{VERSION}"
 CHUNK_SIZE = 64 * 1024
 MAX_MESSAGE_BYTES = 256 * 1024
-
-
-class ProtocolError(AgentError):
-    """An MQTT message is malformed, unsigned, stale or not for this device."""
 
 
 def device_topic(fleet: str, device: str, kind: str) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.errors import AgentError, InputError
-from agent.serve.service import Agent, NotReadyError
+from agent.errors import AgentError, HTTPError, InputError, NotReadyError
+from agent.serve.service import Agent
 
 log = logging.getLogger(__name__)
 V2_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT8": np.int8, "UINT8": np.uint8,
@@ -28,11 +28,6 @@ V2_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT8":
              "UINT64": np.uint64, "BOOL": np.bool_}
 _MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8080,

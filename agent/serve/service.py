@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from agent.bundle import Limits
-from agent.errors import AgentError
+from agent.errors import AgentError, NotReadyError
 from agent.install import Device, Engine, Result
 from agent.keys import Keyring
 from agent.manifest import Manifest, parse_manifest
@@ -27,10 +27,6 @@ from agent.fleet.telemetry import Drift, Window
 
 log = logging.getLogger(__name__)
 BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
-
-
-class NotReadyError(AgentError):
-    """No model is installed yet."""
 
 
 @dataclass(frozen=True)

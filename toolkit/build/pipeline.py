@@ -21,7 +21,7 @@ from agent.manifest import FORMATS
 from agent.store import atomic_write
 from toolkit.build import edgetpu, selective
 from toolkit.build.data import Dataset, load_dataset
-from toolkit.errors import ConversionError, InputError, ValidationError
+from toolkit.errors import BuildFailed, ConversionError, InputError
 from toolkit.build.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
 from toolkit.build.ingest import load_source
 from toolkit.build.measure import LatencyConfig
@@ -175,14 +175,6 @@ def check_supported(source: Any, profile: Profile) -> None:
     if source.kind == "tflite" and profile.format != "tflite":
         raise ConversionError(f"{source.path}: a .tflite model can only be bundled for TFLite profiles, "
                               f"not {profile.name} ({profile.runtime})")
-
-
-class BuildFailed(ValidationError):
-    """No variant passed for at least one profile; bundles of the other profiles were written."""
-
-    def __init__(self, result: BuildResult, message: str):
-        super().__init__(message, result.table())
-        self.result = result
 
 
 @dataclass
