@@ -156,7 +156,7 @@ def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None
     agent = _agent(state_dir, keyring, arch, threads)
     agent.start()
     doc = agent.status()
-    from agent.fleet.link import state_summary
+    from agent.fleet.desired import state_summary
     from agent.fleet.reporter import OUTBOX_FILE
 
     if (fleet := state_summary(Path(state_dir))) is not None:

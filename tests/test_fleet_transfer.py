@@ -209,7 +209,7 @@ def test_agent_killed_mid_transfer_resumes_with_the_missing_chunks(tmp_path, bro
 def test_agent_that_dies_in_every_install_gives_up(tmp_path, broker, settings, signing_key, fleet_bundles):
     """A bundle that kills the agent during its install (e.g. a runtime abort) is tried 3 times, then the
     device reports it gave up instead of crash-looping; publishing it again (new desired state) retries."""
-    from agent.fleet.link import MAX_ATTEMPTS
+    from agent.fleet.desired import MAX_ATTEMPTS
 
     b = Broker.parse(broker.url)
     w = Watcher(broker)

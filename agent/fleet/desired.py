@@ -1,0 +1,94 @@
+"""The device's fleet state (``fleet.json`` in the state dir) and the desired-state policy: which desired
+states are accepted, which are stale or already handled, and when the device gives up on one.
+
+Pure functions over the state document; the link persists it and acts on the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ProtocolError
+from agent.fleet.protocol import Desired, parse_message
+from agent.keys import Keyring
+from agent.store import atomic_write
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3  # installs of one desired state that may kill the agent before it gives up
+STATE_FILE = "fleet.json"  # in the state dir: last desired state, its seq, installed bundle, attempts
+
+
+def load_state(state_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((state_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {"seq": 0, "installed_sha256": None}
+
+
+def save_state(state_dir: Path, doc: dict[str, Any]) -> None:
+    atomic_write(state_dir / STATE_FILE, json.dumps(doc).encode())
+
+
+def failure(st: dict[str, Any]) -> str | None:
+    """Why the device gave up on its current desired state (None: it has not)."""
+    desired = st.get("desired")
+    return st.get("error", "") if desired and st.get("failed_seq") == desired.get("seq") else None
+
+
+def state_summary(state_dir: Path) -> dict[str, Any] | None:
+    """The fleet state for `edgeship-agent status` (None: this device never followed a fleet)."""
+    if not (state_dir / STATE_FILE).exists():
+        return None
+    st = load_state(state_dir)
+    desired = st.get("desired")
+    return {"desired": {k: desired.get(k) for k in ("model", "version", "bundle_sha256", "target")} if desired
+            else None, "installed_sha256": st.get("installed_sha256"), "error": failure(st)}
+
+
+def accept(st: dict[str, Any], topic: str, payload: bytes, keyring: Keyring, device: str,
+           group: str) -> tuple[Desired, dict[str, Any]] | None:
+    """Check a desired-state message and record it in ``st`` (the caller saves it). None: the same message
+    again, or superseded by the other desired topic. ProtocolError: not signed by a trusted key, not for this
+    device, or stale (older than what this topic already said: a replay, or a broker restoring old state)."""
+    doc = parse_message(payload, topic, keyring, expect_type="desired")
+    target = doc.get("target", "")
+    if target not in (f"device:{device}", f"group:{group}"):
+        raise ProtocolError(f"{topic}: desired state for {target!r}, not for this device")
+    d = Desired.from_doc(doc, topic)
+    seen = st.setdefault("topic_seq", {}).get(topic, 0)
+    if d.seq < seen:
+        raise ProtocolError(f"{topic}: stale desired state {d.model} v{d.version} (seq {d.seq} < {seen}) ignored")
+    if d.seq <= st.get("seq", 0):
+        log.info("desired state %s v%d already handled or superseded", d.model, d.version)
+        return None
+    st["seq"] = st["topic_seq"][topic] = d.seq
+    st["desired"] = doc
+    return d, doc
+
+
+def pending(st: dict[str, Any]) -> Desired | None:
+    """The desired state this device has not reached yet and has not given up on (after a restart)."""
+    doc = st.get("desired")
+    if not doc or st.get("installed_sha256") == doc.get("bundle_sha256") or failure(st) is not None:
+        return None
+    return Desired.from_doc(doc, STATE_FILE)
+
+
+def gave_up(st: dict[str, Any], d: Desired) -> str | None:
+    """After the agent died during the install of ``d`` MAX_ATTEMPTS times: record and return why it gives
+    up (a new desired state, even for the same bundle, starts over)."""
+    tries = st.get("attempts") or {}
+    if tries.get("seq") != d.seq or tries.get("n", 0) < MAX_ATTEMPTS:
+        return None
+    error = f"gave up on {d.model} v{d.version}: the agent stopped during its install {tries['n']} times"
+    st["failed_seq"], st["error"] = d.seq, error
+    return error
+
+
+def count_attempt(st: dict[str, Any], d: Desired) -> None:
+    """Before the engine runs: an install that kills the process is counted."""
+    tries = st.get("attempts") or {}
+    st["attempts"] = {"seq": d.seq, "n": tries.get("n", 0) + 1 if tries.get("seq") == d.seq else 1}
