@@ -214,6 +214,8 @@ class Server:
                 continue
             if isinstance(ev, h11.Request):
                 head = ev
+                if len(ev.target) + sum(len(k) + len(v) + 4 for k, v in ev.headers) > s.max_header_bytes:
+                    raise _Fail(error(431, f"request header fields exceed {s.max_header_bytes} bytes"))
                 if deadline is None:
                     deadline = monotonic() + s.read_timeout
                 length = _header(ev.headers, b"content-length")

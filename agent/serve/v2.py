@@ -244,6 +244,22 @@ def _from_json(data: Any, dt_name: str, shape: list[int], count: int, where: str
         a = np.array(data)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise HTTPError(400, f"{where}: data is not a (nested) list of numbers ({type(exc).__name__})") from exc
+    if a.ndim > MAX_DIMS:
+        raise HTTPError(400, f"{where}: data is nested deeper than {MAX_DIMS} levels")
+    if a.dtype.kind == "O" or (dt.kind in "iu" and a.dtype.kind == "f"):  # ragged, or ints beyond int64
+        try:
+            vals = list(np.array(data, dtype=object).ravel())
+        except ValueError as exc:
+            raise HTTPError(400, f"{where}: data is not a (nested) list of numbers of equal lengths") from exc
+        ints = [v for v in vals if isinstance(v, int) and not isinstance(v, bool)]
+        if dt.kind in "iu" and ints and len(ints) == len(vals):
+            info = np.iinfo(dt)
+            bad = next((v for v in ints if not info.min <= v <= info.max), None)
+            if bad is not None:
+                raise HTTPError(400, f"{where}: value {bad} is out of range for {dt_name}")
+            a = np.array(ints, dtype=dt)
+        elif a.dtype.kind == "O":
+            raise HTTPError(400, f"{where}: data is not a (nested) list of numbers of equal lengths")
     if a.size != count:
         raise HTTPError(400, f"{where}: data has {a.size} values; shape {shape} needs {count}")
     if count and a.dtype.kind not in _KINDS[dt.kind]:
