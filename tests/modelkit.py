@@ -104,3 +104,23 @@ def make_bundle(dst: Path, key: Any, model: bytes, golden_in: dict[str, np.ndarr
            "golden": {"path": "golden.npz", "atol": 1e-5, "rtol": 1e-5}, **extra}
     write_bundle(dst, doc, {model_file: model, "golden.npz": buf.getvalue()}, key.sign, key.key_id)
     return dst
+
+
+def serving_client(state_dir: Path, keyring: Any, arch: str, bundle: Path, **agent_kw: Any):
+    """Install ``bundle`` in an Agent, serve it over HTTP in-process and yield (agent, tritonclient);
+    a generator for module fixtures (``yield from serving_client(...)``)."""
+    import tritonclient.http as httpclient
+
+    from agent.serve.http import make_server, serve_in_thread
+    from agent.serve.service import Agent
+
+    agent = Agent(state_dir, keyring, arch, **agent_kw)
+    agent.start()
+    assert agent.install(bundle).ok
+    server = make_server(agent, "127.0.0.1", 0)
+    serve_in_thread(server)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.server_address[1]}")
+    yield agent, client
+    client.close()
+    server.shutdown()
+    server.server_close()

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from agent.errors import BusyError, SequenceError
-from agent.serve.http import make_server, serve_in_thread
 from agent.serve.sequences import Sequence, Sequences, StatePlan
 from agent.serve.service import Agent
-from modelkit import counter_tflite, make_bundle, state_io_model
+from modelkit import counter_tflite, make_bundle, serving_client, state_io_model
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -33,16 +32,8 @@ def stateful_bundles(signing_key, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["tflite-variables", "onnx-declared-state"])
 def served(request, stateful_bundles, keyring, tmp_path_factory):
-    agent = Agent(tmp_path_factory.mktemp("seqa") / "state", keyring, "x86_64", max_sequences=3)
-    agent.start()
-    assert agent.install(stateful_bundles[request.param]).ok  # VerifyModel ran the golden set once
-    server = make_server(agent, "127.0.0.1", 0)
-    serve_in_thread(server)
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.server_address[1]}")
-    yield agent, client
-    client.close()
-    server.shutdown()
-    server.server_close()
+    yield from serving_client(tmp_path_factory.mktemp("seqa") / "state", keyring, "x86_64",
+                              stateful_bundles[request.param], max_sequences=3)
 
 
 def total(client, seq=0, start=False, end=False) -> float:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.serve.http import make_server, serve_in_thread
-from agent.serve.service import Agent
-from modelkit import dtype_model, make_bundle
+from modelkit import dtype_model, make_bundle, serving_client
 
 httpclient = pytest.importorskip("tritonclient.http")
 
@@ -37,16 +35,7 @@ CASES = ["digits-tflite", "digits-onnx", "dtypes-onnx"]
 @pytest.fixture(scope="module", params=CASES)
 def served(request, bundles, keyring, tmp_path_factory):
     bundle, arch = bundles[request.param]
-    agent = Agent(tmp_path_factory.mktemp("v2") / "state", keyring, arch, interpreters=2)
-    agent.start()
-    assert agent.install(bundle).ok
-    server = make_server(agent, "127.0.0.1", 0)
-    serve_in_thread(server)
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.server_address[1]}")
-    yield agent, client
-    client.close()
-    server.shutdown()
-    server.server_close()
+    yield from serving_client(tmp_path_factory.mktemp("v2") / "state", keyring, arch, bundle, interpreters=2)
 
 
 def sample(spec, rng):
