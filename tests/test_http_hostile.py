@@ -64,7 +64,7 @@ def post(port, path, body, method="POST"):
 
 
 @pytest.fixture(scope="module")
-def served(digits_build, signing_key, keyring, tmp_path_factory):
+def served(signing_key, keyring, tmp_path_factory):
     """An in-process agent serving the dtype model (INT64/BOOL/UINT8 inputs)."""
     d = tmp_path_factory.mktemp("hostile")
     model, x = dtype_model()
