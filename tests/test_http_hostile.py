@@ -189,6 +189,19 @@ def test_200_concurrent_clients_are_not_reset(served):
     assert results == [200] * 200, [r for r in results if r != 200][:5]
 
 
+def test_120_half_sent_requests_do_not_stop_the_agent(served):
+    """Before, ~120 connections that sent half a request line stopped the agent answering anyone."""
+    _, port = served
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(120)]
+    try:
+        for s in slow:
+            s.sendall(b"POST /v2/models/dtypes/in")
+        assert post(port, "/v2/models/dtypes/infer", infer_body())[0] == 200
+    finally:
+        for s in slow:
+            s.close()
+
+
 def test_nan_output_is_an_error_not_a_nan_literal(signing_key, keyring, tmp_path):
     model, x = log_model()
     agent = Agent(tmp_path / "state", keyring, "x86_64")
