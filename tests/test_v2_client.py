@@ -122,3 +122,21 @@ def test_errors_reach_the_client_as_messages(served):
         client.infer(cur.manifest.name, [inp])
     with pytest.raises(InferenceServerException, match="unknown model"):
         client.get_model_metadata("no-such-model")
+
+
+def test_bool_and_fp16_outputs_decode_in_the_client(served):
+    """Outputs a bundle cannot carry yet (the golden replay compares numbers): the codec, read back by
+    tritonclient's own response parser, binary and JSON."""
+    from agent.manifest import TensorSpec
+    from agent.serve import v2
+
+    agent, _ = served
+    outs = (TensorSpec("flag", "bool", (-1, 2)), TensorSpec("half", "float16", (-1, 2)))
+    values = {"flag": np.array([[True, False]]), "half": np.array([[0.5, -2.0]], np.float32)}
+    for binary in (True, False):
+        req = v2.InferRequest("q", {}, tuple(v2.Wanted(s.name, binary) for s in outs), None)
+        head, parts = v2.encode_infer(agent.current.manifest, outs, req, values)
+        body = head + b"".join(bytes(p) for p in parts)
+        res = httpclient.InferResult.from_response_body(body, header_length=len(head) if parts else None)
+        assert res.as_numpy("flag").tolist() == [[True, False]] and res.as_numpy("flag").dtype == bool
+        assert res.as_numpy("half").dtype == np.float16 and res.as_numpy("half").tolist() == [[0.5, -2.0]]
