@@ -132,6 +132,8 @@ class Sequences:
     def session(self, seq: Sequence | None) -> _Session:
         """The session a request runs in: a throw-away one without a sequence id."""
         if seq is None:
+            with self._lock:
+                self._sweep()  # expired sequences free their interpreters on any request
             return self._new()
         if seq.start:
             with self._lock:
