@@ -189,7 +189,7 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     import threading
 
     from agent.config import load_config
-    from agent.serve.http import make_server
+    from agent.serve.http import make_server, settings_of
     from agent.keys import Keyring
     from agent.serve.service import Agent
 
@@ -199,9 +199,11 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     cfg = load_config(config_path, {"state_dir": state_dir, "keyring": keyring, "http_host": http_host,
                                     "http_port": http_port})
-    agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=_faults())
+    agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=_faults(),
+                  interpreters=cfg.interpreters, max_sequences=cfg.max_sequences,
+                  sequence_idle_timeout=cfg.sequence_idle_timeout)
     agent.start()
-    server = make_server(agent, cfg.http_host, cfg.http_port, cfg.max_body_bytes)
+    server = make_server(agent, cfg.http_host, cfg.http_port, settings=settings_of(cfg))
     host, port = server.server_address[:2]
     cur = agent.current
     click.echo(f"edgeship-agent {cfg.device_id}: serving "

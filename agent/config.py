@@ -38,6 +38,14 @@ class Config:
     telemetry_queue_max: int = 10_000
     drift_psi: float = 0.25
     drift_every: int = 1
+    max_header_bytes: int = 16 << 10
+    max_connections: int = 128
+    backlog: int = 1024
+    read_timeout: float = 10.0
+    keepalive_timeout: float = 5.0
+    interpreters: int | None = None
+    max_sequences: int = 16
+    sequence_idle_timeout: float = 60.0
 
 
 FIELDS: dict[str, tuple[str, type, Any]] = {
@@ -61,7 +69,17 @@ FIELDS: dict[str, tuple[str, type, Any]] = {
     "telemetry_queue_max": ("telemetry.queue_max", int, 10_000),
     "drift_psi": ("telemetry.drift_psi", float, 0.25),
     "drift_every": ("telemetry.drift_every", int, 1),
+    "max_header_bytes": ("http.max_header_bytes", int, 16 << 10),
+    "max_connections": ("http.max_connections", int, 128),
+    "backlog": ("http.backlog", int, 1024),
+    "read_timeout": ("http.read_timeout", float, 10.0),
+    "keepalive_timeout": ("http.keepalive_timeout", float, 5.0),
+    "interpreters": ("agent.interpreters", int, None),
+    "max_sequences": ("agent.max_sequences", int, 16),
+    "sequence_idle_timeout": ("agent.sequence_idle_timeout", float, 60.0),
 }
+SERVING = ("max_header_bytes", "max_connections", "backlog", "read_timeout", "keepalive_timeout", "interpreters",
+           "max_sequences", "sequence_idle_timeout")
 
 
 def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
@@ -98,7 +116,7 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
                 raise ConfigError(f"EDGESHIP_AGENT_{name.upper()}: expected {typ.__name__}, got {v!r}") from exc
         values[name] = v
     for name in ("threads", "http_port", "max_body_bytes", "heartbeat", "telemetry_interval", "telemetry_queue_max",
-                 "drift_psi", "drift_every"):
+                 "drift_psi", "drift_every", *SERVING):
         low = 0 if name in ("http_port", "telemetry_interval", "drift_every") else 1e-9
         if values[name] is not None and values[name] < low:
             raise ConfigError(f"{where}: {FIELDS[name][0]}: must be positive, got {values[name]}")
@@ -110,7 +128,7 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
                   fleet=values["fleet"], group=values["group"], mqtt_username=values["mqtt_username"],
                   mqtt_password=values["mqtt_password"], mqtt_ca_file=values["mqtt_ca_file"],
                   **{k: values[k] for k in ("telemetry_interval", "heartbeat", "telemetry_queue_max", "drift_psi",
-                                            "drift_every")})
+                                            "drift_every", *SERVING)})
 
 
 def _bad(where: str, key: str, typ: type, v: Any) -> Any:

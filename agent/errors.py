@@ -68,3 +68,15 @@ class HTTPError(AgentError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class NonFiniteOutputError(ModelError):
+    """A model produced NaN or Inf; the answer is withheld and counted as a failed request."""
+
+
+class SequenceError(InputError):
+    """A sequence id is unknown, expired or ended, or its sequence parameters are malformed."""
+
+
+class BusyError(AgentError):
+    """A configured capacity limit is reached (e.g. live sequences); the client may retry later."""

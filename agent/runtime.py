@@ -25,6 +25,7 @@ TFLITE_RUNTIMES = (
 _ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
                 "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64",
                 "tensor(bool)": "bool", "tensor(int16)": "int16"}
+STATE_OPS = {"VAR_HANDLE", "ASSIGN_VARIABLE"}  # TFLite ops that keep resource variables across invokes
 
 
 def tflite_interpreter_class(prefer: str | None = None) -> tuple[str, Any]:
@@ -66,6 +67,19 @@ class Model:
         self.path, self.runtime = path, runtime
         self.inputs, self.outputs = inputs, outputs
         self._lock = threading.Lock()
+        self._load_args: dict[str, Any] = {}  # set by load_model: how to make another instance
+
+    def clone(self) -> "Model":
+        """A new, independent instance of the same model file (own interpreter, own state)."""
+        return load_model(self.path, **self._load_args)
+
+    @property
+    def stateful(self) -> bool:
+        """True when the model keeps state between calls inside the runtime (TFLite resource variables)."""
+        return self.runtime != "onnxruntime" and bool(STATE_OPS & set(self.ops()))
+
+    def ops(self) -> list[str]:
+        raise NotImplementedError
 
     def predict(self, feed: Mapping[str, Any] | Sequence[Any] | np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch. ``feed`` is one array (single input), a list in input order, or a name map."""
@@ -213,11 +227,15 @@ def load_model(path: str | Path, *, threads: int = 1, prefer: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
+    model: Model
     if path.suffix == ".tflite":
-        return TFLiteModel(path, threads, prefer)
-    if path.suffix == ".onnx":
-        return ONNXModel(path, threads, providers)
-    raise ModelError(f"{path}: unknown model format (expected .tflite or .onnx)")
+        model = TFLiteModel(path, threads, prefer)
+    elif path.suffix == ".onnx":
+        model = ONNXModel(path, threads, providers)
+    else:
+        raise ModelError(f"{path}: unknown model format (expected .tflite or .onnx)")
+    model._load_args = {"threads": threads, "prefer": prefer, "providers": providers}
+    return model
 
 
 def _tflite_spec(name: str, d: dict[str, Any]) -> TensorSpec:

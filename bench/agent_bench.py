@@ -8,6 +8,15 @@
 - HTTP v2 /infer p50 minus raw p50 on the digits model (keep-alive connection).
 - Peak RSS of a process serving int8 MobileNetV2 through the agent vs a raw LiteRT process.
 - Cold start: process start -> model loaded (after a crash-safe recovery check) -> first answer.
+- HTTP transports (bench/http_servers.py): p50 of POST /predict on the int8 digits model and RSS idle /
+  serving for the agent's own transport (h11, a thread per connection), the standard library's
+  http.server, asyncio + h11, uvicorn, aiohttp, and a hand-written Flask + LiteRT server; same client
+  (http.client, keep-alive), each server in its own process.
+- v2 binary infer of a 256x256x3 float32 model through tritonclient (default settings) against an
+  `edgeship-agent run` process: end-to-end p50 / raw LiteRT invoke p50.
+- Throughput of 4 concurrent client processes / 1 client on a ~3 ms model (interpreter pool of 2).
+
+    python bench/agent_bench.py --only http     # just the HTTP sections
 """
 
 from __future__ import annotations
@@ -114,7 +123,16 @@ def bench_model(name: str, bundle: Path, keyring: Path, state: Path, x: np.ndarr
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-agent.json"))
+    ap.add_argument("--only", choices=["all", "http", "concurrency"], default="all")
     args = ap.parse_args()
+    if args.only != "all":
+        from http_bench import run_all
+
+        out = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        out.update(run_all(("concurrency",)) if args.only == "concurrency" else run_all())
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+        return
     from toolkit.build.pipeline import BuildOptions, build
     from toolkit.examples import mobilenet_v2, write_digits
     from toolkit.build.measure import LatencyConfig
@@ -161,8 +179,15 @@ def main() -> None:
                       "delta_mb": (agent_kb - raw_kb) / 1024}
         out["cold_start_s"] = min(starts)
         print(json.dumps({"rss": out["rss"], "cold_start_s": out["cold_start_s"]}))
+    out.update(http_benchmarks())
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
+
+
+def http_benchmarks() -> dict:
+    from http_bench import run_all
+
+    return run_all()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from test_install import rebundle
 EMU = Path(os.environ.get("EDGESHIP_AARCH64", Path.home() / ".cache" / "edgeship" / "aarch64"))
 
 
-@pytest.mark.skipif(not (EMU / ".ready-2").exists(),
+@pytest.mark.skipif(not (EMU / ".ready-3").exists(),
                     reason=f"no emulated aarch64 userland at {EMU} (run .ci/aarch64-setup.sh {EMU})")
 def test_agent_smoke_on_emulated_raspberry_pi(digits_build, digits, signing_key, settings, tmp_path):
     v1 = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")

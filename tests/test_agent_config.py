@@ -15,6 +15,8 @@ def test_precedence(tmp_path):
     assert cfg.http_port == 9100 and cfg.threads == 3 and str(cfg.state_dir) == "/file/state"
     assert cfg.device_id == "pi-1" and cfg.http_host == "127.0.0.1" and cfg.max_body_bytes == 16 << 20
     assert load_config(None, env={}).http_port == 8080
+    serve = load_config(None, env={"EDGESHIP_AGENT_MAX_SEQUENCES": "4", "EDGESHIP_AGENT_READ_TIMEOUT": "2.5"})
+    assert (serve.max_sequences, serve.read_timeout, serve.max_connections, serve.interpreters) == (4, 2.5, 128, None)
     from pathlib import Path
 
     assert load_config(None, flags={"state_dir": Path("/x")}, env={}).state_dir == Path("/x")
@@ -24,6 +26,10 @@ def test_precedence(tmp_path):
     ('[http]\nport = "eighty"\n', r"http.port: expected int, got 'eighty'"),
     ("[agent]\nthreads = 0\n", r"agent.threads: must be positive"),
     ("[agent\n", "not valid TOML"),
+    ("[http]\nmax_connections = 0\n", r"http.max_connections: must be positive"),
+    ("[http]\nread_timeout = -1\n", r"http.read_timeout: must be positive"),
+    ("[agent]\ninterpreters = 0\n", r"agent.interpreters: must be positive"),
+    ('[agent]\nsequence_idle_timeout = "long"\n', r"agent.sequence_idle_timeout: expected float"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, match):
     f = tmp_path / "agent.toml"

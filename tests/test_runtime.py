@@ -20,28 +20,15 @@ def test_quantize_roundtrip_and_saturation():
 
 
 def test_stateful_model_keeps_its_variables(tmp_path):
-    """A TFLite model with resource variables: state persists across calls."""
-    from toolkit.tfenv import import_tf
+    """A TFLite model with resource variables: state persists across calls, and a clone starts fresh."""
+    from modelkit import counter_tflite
 
-    tf = import_tf()
-
-    class Counter(tf.Module):
-        def __init__(self):
-            self.v = tf.Variable(tf.zeros([1, 4]))
-
-        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
-        def __call__(self, x):
-            self.v.assign_add(x)
-            return {"total": self.v + 0.0}
-
-    m = Counter()
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([m.__call__.get_concrete_function()], m)
-    conv.experimental_enable_resource_variables = True
     path = tmp_path / "counter.tflite"
-    path.write_bytes(conv.convert())
+    path.write_bytes(counter_tflite()[0])
     model = load_model(path)
     totals = [model.predict(np.ones((1, 4), np.float32))["total"][0, 0] for _ in range(3)]
     assert totals == [1.0, 2.0, 3.0]
+    assert model.stateful and model.clone().predict(np.ones((1, 4), np.float32))["total"][0, 0] == 1.0
 
 
 def test_clear_errors(tmp_path):

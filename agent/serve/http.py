@@ -1,188 +1,162 @@
-"""Local inference HTTP API (standard library only).
+"""Local inference HTTP API: routes, and every error as a JSON answer with the right status.
 
-- Open Inference Protocol v2 (KServe / Triton / MLServer REST): /v2, /v2/health/{live,ready},
-  /v2/models/{name}[/versions/{v}], .../ready, .../infer with JSON tensors.
+- Open Inference Protocol v2 (KServe / Triton REST) with the binary tensor data, classification,
+  model configuration, parameters and sequence extensions (``agent/serve/v2.py``): ``/v2``,
+  ``/v2/health/{live,ready}``, ``/v2/models/{name}[/versions/{v}]``, ``.../ready``, ``.../config``,
+  ``.../infer``. The real ``tritonclient[http]`` works with its default settings.
 - The simple ``POST /predict`` {"input": [...]} -> {"prediction": [...]} of hand-written Flask servers.
 - ``GET /metrics`` in Prometheus text format.
-Bad input gets a 4xx with a message saying what was expected; the server keeps serving.
+Bad input gets a 4xx naming what was expected; a model that fails or answers NaN/Inf gets a 500; no
+answer ever contains a NaN literal. The transport (limits, timeouts, connection cap) is ``server.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import zlib
 from typing import Any
 
 import numpy as np
 
 from agent import __version__
-from agent.errors import AgentError, HTTPError, InputError, NotReadyError
-from agent.serve.service import Agent
+from agent.errors import AgentError, BusyError, HTTPError, InputError, NotReadyError
+from agent.serve import v2
+from agent.serve.server import Request, Response, Server, ServerSettings, error
+from agent.serve.service import Agent, Loaded
 
 log = logging.getLogger(__name__)
-V2_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT8": np.int8, "UINT8": np.uint8,
-             "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT16": np.uint16, "UINT32": np.uint32,
-             "UINT64": np.uint64, "BOOL": np.bool_}
-_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
+_JSON = "application/json"
+_FIXED = {"/v2": ("GET",), "/v2/health/live": ("GET",), "/v2/health/ready": ("GET",), "/metrics": ("GET",),
+          "/predict": ("POST",)}
 
 
+class App:
+    """``handle(Request) -> Response`` for the agent's HTTP API."""
 
-def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8080,
-                max_body_bytes: int = 16 << 20) -> ThreadingHTTPServer:
-    class Handler(_Handler):
-        pass
+    def __init__(self, agent: Agent, max_body_bytes: int = 16 << 20):
+        self.agent, self.max_body = agent, max_body_bytes
 
-    Handler.agent, Handler.max_body = agent, max_body_bytes
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
-
-
-def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
-    t = threading.Thread(target=server.serve_forever, name="edgeship-http", daemon=True)
-    t.start()
-    return t
-
-
-class _Handler(BaseHTTPRequestHandler):
-    agent: Agent
-    max_body: int
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out as separate writes: avoid 40 ms delayed-ACK stalls
-    server_version = f"edgeship-agent/{__version__}"
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("%s " + fmt, self.client_address[0], *args)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
+    def handle(self, req: Request) -> Response:
+        path = req.target.split("?", 1)[0]
         try:
-            status, body, ctype = self._route(method, self.path.split("?", 1)[0])
+            return self._route(req, path)
         except HTTPError as exc:
-            status, body, ctype = exc.status, {"error": str(exc)}, "application/json"
-        except NotReadyError as exc:
-            status, body, ctype = 503, {"error": str(exc)}, "application/json"
+            return error(exc.status, str(exc))
+        except (NotReadyError, BusyError) as exc:
+            return error(503, str(exc))
         except InputError as exc:
-            status, body, ctype = 400, {"error": str(exc)}, "application/json"
-        except AgentError as exc:
-            status, body, ctype = 500, {"error": str(exc)}, "application/json"
-        except Exception as exc:  # never let one request take the server down
-            log.exception("unexpected error serving %s", self.path)
-            status, body, ctype = 500, {"error": f"internal error: {type(exc).__name__}"}, "application/json"
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+            return error(400, str(exc))
+        except AgentError as exc:  # the model failed or answered NaN/Inf: counted as an error
+            log.warning("%s %s: %s", req.method, path, exc)
+            return error(500, str(exc))
 
-    def _body(self) -> Any:
-        try:
-            n = int(self.headers.get("Content-Length", "0"))
-        except ValueError as exc:
-            raise HTTPError(400, "invalid Content-Length") from exc
-        if n > self.max_body:
-            self.close_connection = True  # do not read an oversized body
-            raise HTTPError(413, f"request body of {n} bytes exceeds the limit of {self.max_body} bytes")
-        raw = self.rfile.read(n)
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise HTTPError(400, f"malformed JSON body ({exc})") from exc
-
-    def _route(self, method: str, path: str) -> tuple[int, Any, str]:
-        cur = self.agent.current
-        if method == "GET" and path == "/v2/health/live":
-            return 200, {"live": True}, "application/json"
-        if method == "GET" and path == "/v2/health/ready":
-            return (200 if cur else 503), {"ready": cur is not None}, "application/json"
-        if method == "GET" and path == "/v2":
-            return 200, {"name": "edgeship-agent", "version": __version__, "extensions": []}, "application/json"
-        if method == "GET" and path == "/metrics":
-            return 200, self.agent.metrics.prometheus(cur), "text/plain; version=0.0.4"
-        if method == "POST" and path == "/predict":
-            return 200, self._simple(self._body()), "application/json"
+    def _route(self, req: Request, path: str) -> Response:
         m = _MODEL.match(path)
-        if not m:
-            raise HTTPError(404, f"no such endpoint: {method} {path}")
-        name, version, action = m.group(1), m.group(2), m.group(3)
-        if cur is None:
-            raise NotReadyError("no model installed")
-        if name != cur.manifest.name:
-            raise HTTPError(404, f"unknown model {name!r}; this agent serves {cur.manifest.name!r}")
-        if version is not None and version != str(cur.manifest.version):
-            raise HTTPError(404, f"model {name!r} version {version} is not loaded "
-                                 f"(serving {cur.manifest.version})")
-        if action is None and method == "GET":
-            return 200, self._metadata(cur), "application/json"
-        if action == "/ready" and method == "GET":
-            return 200, {"name": name, "ready": True}, "application/json"
-        if action == "/infer" and method == "POST":
-            return 200, self._infer(cur, self._body()), "application/json"
-        raise HTTPError(405, f"{method} is not allowed on {path}")
-
-    @staticmethod
-    def _metadata(cur: Any) -> dict[str, Any]:
-        t = lambda s: {"name": s.name, "datatype": "FP32", "shape": list(s.shape)}  # noqa: E731
-        return {"name": cur.manifest.name, "versions": [str(cur.manifest.version)],
-                "platform": "tensorflow_lite" if cur.manifest.format == "tflite" else "onnxruntime_onnx",
-                "inputs": [t(s) for s in cur.model.inputs], "outputs": [t(s) for s in cur.model.outputs]}
-
-    def _infer(self, cur: Any, req: Any) -> dict[str, Any]:
-        if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
-            raise HTTPError(400, 'expected {"inputs": [{"name", "shape", "datatype", "data"}, ...]}')
-        feed = {}
-        for i, t in enumerate(req["inputs"]):
-            if not isinstance(t, dict) or not {"name", "shape", "datatype", "data"} <= set(t):
-                raise HTTPError(400, f"inputs[{i}]: needs name, shape, datatype and data")
-            dt = V2_DTYPES.get(str(t["datatype"]).upper())
-            if dt is None:
-                raise HTTPError(400, f"inputs[{i}]: unsupported datatype {t['datatype']!r} "
-                                     f"(use one of {', '.join(V2_DTYPES)})")
-            try:
-                arr = np.asarray(t["data"], dtype=dt).reshape(t["shape"])
-            except (TypeError, ValueError) as exc:
-                raise HTTPError(400, f"inputs[{i}] {t['name']!r}: data does not match shape "
-                                     f"{t['shape']} / {t['datatype']} ({exc})") from exc
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                raise HTTPError(400, f"inputs[{i}] {t['name']!r}: NaN/Inf values are not allowed")
-            feed[t["name"]] = arr
-        out = self.agent.predict(feed)
-        wanted = [o.get("name") for o in req.get("outputs") or [] if isinstance(o, dict)]
-        unknown = [w for w in wanted if w not in out]
-        if unknown:
-            raise HTTPError(400, f"unknown outputs {unknown}; model outputs are {list(out)}")
-        names = wanted or list(out)
-        res: dict[str, Any] = {"model_name": cur.manifest.name, "model_version": str(cur.manifest.version),
-                               "outputs": [{"name": n, "datatype": "FP32", "shape": list(out[n].shape),
-                                            "data": out[n].astype(np.float32).ravel().tolist()} for n in names]}
-        if "id" in req:
-            res["id"] = req["id"]
-        return res
-
-    def _simple(self, req: Any) -> dict[str, Any]:
-        if not isinstance(req, dict) or "input" not in req:
-            raise HTTPError(400, 'expected {"input": [...]} (one sample or a batch)')
+        allowed = _FIXED.get(path) or (None if m is None else ("POST",) if m.group(3) == "/infer" else ("GET",))
+        if allowed is None:
+            raise HTTPError(404, f"no such endpoint: {req.method} {path}")
+        if req.method not in allowed:
+            return error(405, f"{req.method} is not allowed on {path}; use {' or '.join(allowed)}",
+                         allow=", ".join(allowed))
         cur = self.agent.current
-        if cur is None:
-            raise NotReadyError("no model installed")
+        if path == "/v2/health/live":
+            return _json({"live": True})
+        if path == "/v2/health/ready":
+            return _json({"ready": cur is not None}, 200 if cur else 503)
+        if path == "/v2":
+            return _json({"name": "edgeship-agent", "version": __version__, "extensions": v2.EXTENSIONS})
+        if path == "/metrics":
+            return Response(200, [self.agent.metrics.prometheus(cur).encode()], "text/plain; version=0.0.4")
+        if path == "/predict":
+            return self._predict(req)
+        name, version, action = m.group(1), m.group(2), m.group(3)
+        cur = _check_model(cur, name, version)
+        if action is None:
+            return _json(v2.metadata(cur.manifest, cur.runner.inputs, cur.runner.outputs))
+        if action == "/ready":
+            return _json({"name": name, "ready": True})
+        if action == "/config":
+            return _json(v2.config(cur.manifest, cur.runner, self.agent.interpreters))
+        return self._infer(req, cur)
+
+    def _infer(self, req: Request, cur: Loaded) -> Response:
+        body = self._decoded(req)
+        ir = v2.parse_infer(body, req.headers.get("inference-header-content-length"), cur.runner.inputs,
+                            cur.runner.outputs)
+        answered, out = self.agent.infer(ir.inputs, ir.sequence)
+        head, parts = v2.encode_infer(answered.manifest, answered.runner.outputs, ir, out)
+        if not parts:
+            return Response(200, [head])
+        return Response(200, [head, *parts], "application/octet-stream",
+                        [("inference-header-content-length", str(len(head)))])
+
+    def _predict(self, req: Request) -> Response:
+        doc = v2.loads(self._decoded(req))
+        if not isinstance(doc, dict) or "input" not in doc:
+            raise HTTPError(400, 'expected {"input": [...]} (one sample or a batch)')
         try:
-            arr = np.asarray(req["input"], dtype=np.float32)
-        except (TypeError, ValueError) as exc:
+            arr = np.asarray(doc["input"], dtype=np.float32)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise HTTPError(400, f"input: not a numeric array ({exc})") from exc
         if not np.isfinite(arr).all():
-            raise HTTPError(400, "input: NaN/Inf values are not allowed")
-        out = self.agent.predict(arr)
+            raise HTTPError(400, "input: NaN/Inf values (or numbers beyond float32) are not allowed")
+        cur, out = self.agent.infer(arr)
         first = next(iter(out.values()))
         res: dict[str, Any] = {"prediction": first.tolist(), "model": cur.manifest.id}
         if cur.manifest.labels and first.ndim == 2 and first.shape[1] == len(cur.manifest.labels):
             res["label"] = [cur.manifest.labels[i] for i in first.argmax(1)]
-        return res
+        return _json(res)
+
+    def _decoded(self, req: Request) -> bytes:
+        """The body, inflated when the client compressed it (gzip/deflate), never beyond the body limit."""
+        enc = req.headers.get("content-encoding", "identity").strip().lower()
+        if enc == "identity":
+            return req.body
+        if enc not in ("gzip", "deflate"):
+            raise HTTPError(415, f"Content-Encoding {enc!r} is not supported (use gzip, deflate or none)")
+        d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+        try:
+            out = d.decompress(req.body, self.max_body + 1)
+        except zlib.error as exc:
+            raise HTTPError(400, f"body is not valid {enc} data ({exc})") from exc
+        if len(out) > self.max_body:
+            raise HTTPError(413, f"decompressed body exceeds the limit of {self.max_body} bytes")
+        return out
+
+
+def _check_model(cur: Loaded | None, name: str, version: str | None) -> Loaded:
+    if cur is None:
+        raise NotReadyError("no model installed")
+    if name != cur.manifest.name:
+        raise HTTPError(404, f"unknown model {name!r}; this agent serves {cur.manifest.name!r}")
+    if version is not None and version != str(cur.manifest.version):
+        raise HTTPError(404, f"model {name!r} version {version} is not loaded (serving {cur.manifest.version})")
+    return cur
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(status, [v2.dumps(doc)], _JSON)
+
+
+def settings_of(cfg: Any) -> ServerSettings:
+    """Server settings from the agent's Config."""
+    return ServerSettings(max_body_bytes=cfg.max_body_bytes, max_header_bytes=cfg.max_header_bytes,
+                          max_connections=cfg.max_connections, backlog=cfg.backlog,
+                          read_timeout=cfg.read_timeout, keepalive_timeout=cfg.keepalive_timeout)
+
+
+def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8080, max_body_bytes: int | None = None,
+                settings: ServerSettings | None = None) -> Server:
+    settings = settings or ServerSettings()
+    if max_body_bytes is not None:
+        settings = ServerSettings(**{**settings.__dict__, "max_body_bytes": max_body_bytes})
+    return Server(App(agent, settings.max_body_bytes).handle, host, port, settings)
+
+
+def serve_in_thread(server: Server) -> threading.Thread:
+    t = threading.Thread(target=server.serve_forever, name="edgeship-http", daemon=True)
+    t.start()
+    return t

@@ -2,12 +2,15 @@
 
 A request takes a reference to the current ``Loaded`` model and runs on it; a commit loads the new
 model first and then swaps the reference, so in-flight requests finish on the old model, new ones go
-to the new model, and no request fails during an update.
+to the new model, and no request fails during an update. Each loaded version runs on a small pool of
+interpreters (``interpreters``, default: one per core) and keeps its live sequences (stateful models).
+An answer with NaN/Inf in an output is withheld: the request fails and is counted as an error.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,11 +20,13 @@ from typing import Any
 import numpy as np
 
 from agent.bundle import Limits
-from agent.errors import AgentError, NotReadyError
+from agent.errors import AgentError, NonFiniteOutputError, NotReadyError
 from agent.install import Device, Engine, Result
 from agent.keys import Keyring
 from agent.manifest import Manifest, parse_manifest
 from agent.runtime import Model, load_model
+from agent.serve.runner import Runner
+from agent.serve.sequences import Sequence
 from agent.store import Store
 from agent.fleet.telemetry import Drift, Window
 
@@ -33,7 +38,8 @@ BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
 class Loaded:
     slot: str
     manifest: Manifest
-    model: Model
+    model: Model  # the pool's first instance (metadata: inputs, outputs, runtime)
+    runner: Runner
     window: Window  # this version's requests since the last telemetry record
     drift: Drift
 
@@ -84,9 +90,12 @@ class Agent:
     """Python API of the device agent."""
 
     def __init__(self, state_dir: Path, keyring: Keyring, arch: str, threads: int | None = None,
-                 faults: dict[str, str] | None = None, limits: Limits = Limits()):
+                 faults: dict[str, str] | None = None, limits: Limits = Limits(), interpreters: int | None = None,
+                 max_sequences: int = 16, sequence_idle_timeout: float = 60.0):
         self.store = Store(state_dir)
         self.threads = threads
+        self.interpreters = interpreters or os.cpu_count() or 1
+        self.max_sequences, self.sequence_idle_timeout = max_sequences, sequence_idle_timeout
         self.engine = Engine(self.store, keyring, Device(arch, threads), on_commit=self._swap, faults=faults,
                              limits=limits)
         self.metrics = Metrics()
@@ -115,15 +124,20 @@ class Agent:
         with self._install_lock:
             return self.engine.rollback()
 
-    def predict(self, feed: Any) -> dict[str, np.ndarray]:
+    def predict(self, feed: Any, sequence: Sequence | None = None) -> dict[str, np.ndarray]:
+        """Run ``feed`` on the current model; ``sequence`` selects a stateful model's sequence."""
+        return self.infer(feed, sequence)[1]
+
+    def infer(self, feed: Any, sequence: Sequence | None = None) -> tuple[Loaded, dict[str, np.ndarray]]:
+        """Like ``predict``, and says which loaded version answered."""
         cur = self._current  # one reference for the whole request: a swap cannot affect it
         if cur is None:
             raise NotReadyError("no model installed; install a bundle first")
         key = (cur.manifest.name, cur.manifest.version)
         t = time.perf_counter()
         try:
-            arrays = cur.model.arrange(feed)
-            out = cur.model.run(arrays)
+            arrays, out = cur.runner.run(feed, sequence)
+            _check_finite(cur, out)
         except AgentError:
             ms = (time.perf_counter() - t) * 1e3
             self.metrics.observe(key, ms, False)
@@ -136,7 +150,7 @@ class Agent:
             self._n += 1
             if self._n % self.drift_every == 0:
                 cur.drift.observe(arrays, out)
-        return out
+        return cur, out
 
     def status(self) -> dict[str, Any]:
         doc = self.store.load()
@@ -152,7 +166,18 @@ class Agent:
             return
         folder = self.store.slot(slot)
         m = parse_manifest((folder / "manifest.json").read_bytes())
-        if model is None:
-            model = load_model(folder / m.model_file, threads=self.threads or m.threads)
-        self._current = Loaded(slot, m, model, Window(), Drift(m))
-        log.info("serving %s (%s) from slot %s", m.id, m.precision, slot)
+        # Never serve the instance that replayed the golden set: a stateful model would start from the
+        # state the replay left. A fresh instance of the same file is loaded instead.
+        fresh = model.clone() if model is not None else load_model(folder / m.model_file,
+                                                                   threads=self.threads or m.threads)
+        runner = Runner(fresh, m, self.interpreters, self.max_sequences, self.sequence_idle_timeout)
+        self._current = Loaded(slot, m, fresh, runner, Window(), Drift(m))
+        log.info("serving %s (%s) from slot %s, up to %d interpreters%s", m.id, m.precision, slot,
+                 self.interpreters, f", {runner.plan.kind} state" if runner.plan.stateful else "")
+
+
+def _check_finite(cur: Loaded, out: dict[str, np.ndarray]) -> None:
+    for name, a in out.items():
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise NonFiniteOutputError(f"{cur.manifest.id}: output {name!r} contains NaN/Inf for this input; "
+                                       f"the answer is withheld")

@@ -1,0 +1,61 @@
+"""Runs requests on one loaded model version: an interpreter pool and the live sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from agent.errors import InputError
+from agent.manifest import Manifest
+from agent.runtime import Model
+from agent.serve.pool import InterpreterPool
+from agent.serve.sequences import Sequence, Sequences, state_plan
+
+
+class Runner:
+    """``model`` is a fresh instance (never the one that replayed the golden set): it becomes the first
+    interpreter of the pool, or, for a model with runtime state, the template new sequences are loaded
+    from."""
+
+    def __init__(self, model: Model, manifest: Manifest, interpreters: int, max_sequences: int,
+                 idle_timeout: float):
+        self.plan = state_plan(model, manifest)
+        self.inputs, self.outputs = self.plan.visible(model)
+        self.pool = None if self.plan.kind == "runtime" else InterpreterPool(model, interpreters)
+        self.sequences = Sequences(self.plan, model.clone, max_sequences, idle_timeout)
+        self._state_out = {o.name: i.name for i, o in self.plan.pairs}
+
+    def run(self, feed: Any, seq: Sequence | None) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """Arranged inputs and the outputs clients see."""
+        if self.pool is not None and not self.plan.stateful:
+            with self.pool.lease() as m:
+                arrays = m.arrange(feed)
+                return arrays, m.run(arrays)
+        session = self.sequences.session(seq)
+        try:
+            with session.lock:
+                if session.model is not None:  # runtime state: the sequence's own interpreter
+                    arrays = session.model.arrange(feed)
+                    return arrays, session.model.run(arrays)
+                assert self.pool is not None
+                with self.pool.lease() as m:
+                    arrays = m.arrange({**self._named(feed), **session.tensors})
+                    out = m.run(arrays)
+                session.tensors = {self._state_out[k]: v for k, v in out.items() if k in self._state_out}
+                return arrays, {k: v for k, v in out.items() if k not in self._state_out}
+        finally:
+            self.sequences.finish(seq)
+
+    def _named(self, feed: Any) -> dict[str, Any]:
+        if isinstance(feed, Mapping):
+            state = sorted(set(feed) & {i.name for i, _ in self.plan.pairs})
+            if state:
+                raise InputError(f"inputs {state} are state the agent keeps per sequence; do not send them")
+            return dict(feed)
+        if isinstance(feed, np.ndarray) or not isinstance(feed, (list, tuple)):
+            feed = [feed]
+        if len(feed) != len(self.inputs):
+            raise InputError(f"model takes {len(self.inputs)} inputs (besides its state), got {len(feed)}")
+        return {s.name: x for s, x in zip(self.inputs, feed)}
