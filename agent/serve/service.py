@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -84,11 +84,12 @@ class Agent:
     """Python API of the device agent."""
 
     def __init__(self, state_dir: Path, keyring: Keyring, arch: str, threads: int | None = None,
-                 faults: dict[str, str] | None = None, limits: Limits = Limits()):
+                 faults: dict[str, str] | None = None, limits: Limits = Limits(), profile: str | None = None):
         self.store = Store(state_dir)
         self.threads = threads
-        self.engine = Engine(self.store, keyring, Device(arch, threads), on_commit=self._swap, faults=faults,
-                             limits=limits)
+        self.engine = Engine(self.store, keyring, Device(arch, threads, profile), on_commit=self._swap,
+                             faults=faults, limits=limits)
+        self.on_swap: list[Callable[[], None]] = []  # called after the served model changed (the link re-reports)
         self.metrics = Metrics()
         self._current: Loaded | None = None
         self._install_lock = threading.Lock()
@@ -96,8 +97,10 @@ class Agent:
         self._n = 0
 
     def start(self) -> Result | None:
-        """Recover an interrupted update, then load the active model."""
+        """Recover an interrupted update, sweep what killed writes left behind, then load the active model.
+        The caller owns the state dir (see agent.owner)."""
         res = self.engine.recover()
+        self.store.sweep()
         active = self.store.load().get("active")
         if active and (self._current is None or self._current.slot != active):
             self._swap(active)
@@ -107,9 +110,9 @@ class Agent:
     def current(self) -> Loaded | None:
         return self._current
 
-    def install(self, bundle: Path, allow_downgrade: bool = False) -> Result:
+    def install(self, bundle: Path, allow_downgrade: bool = False, allow_model_change: bool = False) -> Result:
         with self._install_lock:
-            return self.engine.install(Path(bundle), allow_downgrade)
+            return self.engine.install(Path(bundle), allow_downgrade, allow_model_change)
 
     def rollback(self) -> str:
         with self._install_lock:
@@ -138,17 +141,25 @@ class Agent:
                 cur.drift.observe(arrays, out)
         return out
 
+    def installed_sha256(self) -> str | None:
+        """SHA-256 of the bundle the served model came from (None: nothing served, or not recorded)."""
+        cur = self._current
+        return self.store.bundle_sha256(cur.slot) if cur else None
+
     def status(self) -> dict[str, Any]:
+        """What this agent serves (not what the state file meant to do) and its update state."""
         doc = self.store.load()
         cur = self._current
-        return {"active": doc.get("active"), "previous": doc.get("previous"),
+        return {"active": cur.slot if cur else None, "previous": doc.get("previous"),
                 "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
+                "installed_sha256": self.store.bundle_sha256(cur.slot) if cur else None,
                 "update": doc.get("update"), "last_update": doc.get("last_update")}
 
     def _swap(self, slot: str | None, model: Model | None = None) -> None:
         """Point new requests at ``slot``; ``model`` is reused when the engine already loaded it."""
         if not slot:
             self._current = None
+            self._swapped()
             return
         folder = self.store.slot(slot)
         m = parse_manifest((folder / "manifest.json").read_bytes())
@@ -156,3 +167,8 @@ class Agent:
             model = load_model(folder / m.model_file, threads=self.threads or m.threads)
         self._current = Loaded(slot, m, model, Window(), Drift(m))
         log.info("serving %s (%s) from slot %s", m.id, m.precision, slot)
+        self._swapped()
+
+    def _swapped(self) -> None:
+        for fn in self.on_swap:
+            fn()
