@@ -90,6 +90,7 @@ class Agent:
         self.engine = Engine(self.store, keyring, Device(arch, threads, profile), on_commit=self._swap,
                              faults=faults, limits=limits)
         self.on_swap: list[Callable[[], None]] = []  # called after the served model changed (the link re-reports)
+        self._installed: tuple[str, str | None] | None = None  # (served slot, its bundle's sha256), read on swap
         self.metrics = Metrics()
         self._current: Loaded | None = None
         self._install_lock = threading.Lock()
@@ -143,8 +144,8 @@ class Agent:
 
     def installed_sha256(self) -> str | None:
         """SHA-256 of the bundle the served model came from (None: nothing served, or not recorded)."""
-        cur = self._current
-        return self.store.bundle_sha256(cur.slot) if cur else None
+        cur, rec = self._current, self._installed
+        return rec[1] if cur and rec and rec[0] == cur.slot else None
 
     def status(self) -> dict[str, Any]:
         """What this agent serves (not what the state file meant to do) and its update state."""
@@ -152,7 +153,7 @@ class Agent:
         cur = self._current
         return {"active": cur.slot if cur else None, "previous": doc.get("previous"),
                 "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
-                "installed_sha256": self.store.bundle_sha256(cur.slot) if cur else None,
+                "installed_sha256": self.installed_sha256(),
                 "update": doc.get("update"), "last_update": doc.get("last_update")}
 
     def _swap(self, slot: str | None, model: Model | None = None) -> None:
@@ -170,5 +171,11 @@ class Agent:
         self._swapped()
 
     def _swapped(self) -> None:
+        cur = self._current
+        try:  # read once per swap: what is reported must not depend on reading the state file again
+            self._installed = (cur.slot, self.store.bundle_sha256(cur.slot)) if cur else None
+        except AgentError as exc:
+            log.error("cannot read which bundle slot %s came from: %s", cur.slot if cur else None, exc)
+            self._installed = None
         for fn in self.on_swap:
             fn()
