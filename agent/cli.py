@@ -224,48 +224,57 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     cfg = load_config(config_path, {"state_dir": state_dir, "keyring": keyring, "http_host": http_host,
                                     "http_port": http_port})
-    lock = StateLock(cfg.state_dir).acquire(  # one owner; a running agent answers on its channel: no wait
-        "edgeship-agent run", LOCK_WAIT, give_up=lambda: control.call(cfg.state_dir, {"op": "status"}, 5) is not None)
-    agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=dict(FAULTS),
-                  profile=cfg.profile)
-    agent.start()
-    channel = control.ControlServer(agent).start()
-    server = make_server(agent, cfg.http_host, cfg.http_port, cfg.max_body_bytes)
-    host, port = server.server_address[:2]
-    cur = agent.current
-    click.echo(f"edgeship-agent {cfg.device_id}: serving "
-               f"{cur.manifest.id if cur else 'no model yet'} on http://{host}:{port}", err=False)
-    sys.stdout.flush()
-    def _term(*_: Any) -> None:
-        raise KeyboardInterrupt  # systemd stop: leave serve_forever and close cleanly
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _term)
-    link = None
-    if cfg.mqtt_broker:
-        from agent.fleet.link import FleetLink
+    broker = None
+    if cfg.mqtt_broker:  # a bad broker URL is refused before anything starts
         from agent.fleet.mqtt import Broker
 
         broker = Broker.parse(cfg.mqtt_broker, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_ca_file)
-        from agent.fleet.reporter import TelemetryConfig
-
-        tele = TelemetryConfig(cfg.telemetry_interval, cfg.heartbeat, cfg.telemetry_queue_max, cfg.drift_psi,
-                               cfg.drift_every)
-        link = FleetLink(agent, Keyring.load(cfg.keyring), broker, cfg.fleet, cfg.device_id, cfg.group, tele)
-        link.start()
-        click.echo(f"fleet {cfg.fleet!r} via {broker.host}:{broker.port} (group {cfg.group or '-'})")
-    if install_bundle:
-        threading.Thread(target=lambda: click.echo(f"install: {agent.install(install_bundle).status}"),
-                         daemon=True).start()
+    lock = StateLock(cfg.state_dir).acquire(  # one owner; a running agent answers on its channel: no wait
+        "edgeship-agent run", LOCK_WAIT, give_up=lambda: control.call(cfg.state_dir, {"op": "status"}, 5) is not None)
+    channel = server = link = None
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=dict(FAULTS),
+                      profile=cfg.profile)
+        agent.start()
+        channel = control.ControlServer(agent).start()
+        try:
+            server = make_server(agent, cfg.http_host, cfg.http_port, cfg.max_body_bytes)
+        except OSError as exc:
+            raise AgentError(f"cannot serve HTTP on {cfg.http_host}:{cfg.http_port} ({exc})") from exc
+        host, port = server.server_address[:2]
+        cur = agent.current
+        click.echo(f"edgeship-agent {cfg.device_id}: serving "
+                   f"{cur.manifest.id if cur else 'no model yet'} on http://{host}:{port}", err=False)
+        sys.stdout.flush()
+
+        def _term(*_: Any) -> None:
+            raise KeyboardInterrupt  # systemd stop: leave serve_forever and close cleanly
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _term)
+        if broker is not None:
+            from agent.fleet.link import FleetLink
+            from agent.fleet.reporter import TelemetryConfig
+
+            tele = TelemetryConfig(cfg.telemetry_interval, cfg.heartbeat, cfg.telemetry_queue_max, cfg.drift_psi,
+                                   cfg.drift_every)
+            link = FleetLink(agent, Keyring.load(cfg.keyring), broker, cfg.fleet, cfg.device_id, cfg.group, tele)
+            link.start()
+            click.echo(f"fleet {cfg.fleet!r} via {broker.host}:{broker.port} (group {cfg.group or '-'})")
+        if install_bundle:
+            threading.Thread(target=lambda: click.echo(f"install: {agent.install(install_bundle).status}"),
+                             daemon=True).start()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
     finally:
         if link is not None:
             link.stop()
-        server.server_close()
-        channel.stop()
+        if server is not None:
+            server.server_close()
+        if channel is not None:
+            channel.stop()
         lock.release()
 
 
