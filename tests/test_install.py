@@ -17,7 +17,7 @@ import pytest
 from agent.bundle import write_bundle
 from agent.keys import Keyring
 from agent.serve.service import Agent
-from agentproc import agent_cmd
+from agentproc import AgentProcess, agent_cmd, run_cli
 from conftest import ROOT
 
 
@@ -112,6 +112,48 @@ def test_killed_in_state(tmp_path, keyring, keyring_dir, bundles, state, expect)
             assert not [p for p in (st / "slots").iterdir() if "-v2-" in p.name]
         else:
             break  # v2 is installed; re-installing is nothing-to-do
+
+
+@pytest.mark.parametrize("state, expect", [("Stage", 1), ("VerifyModel", 1), ("Commit", 1), ("Cleanup", 2)])
+def test_killed_during_a_control_channel_install(tmp_path, keyring_dir, bundles, state, expect):
+    """`edgeship-agent install` beside a running agent: the agent process is the one killed (in STATE); the
+    CLI says so instead of hanging, and the restarted agent serves v1 or v2 and says which."""
+    st = tmp_path / "state"
+    assert run_cli("install", bundles["v1"], "--state-dir", st, "--keyring", keyring_dir).returncode == 0
+    agent = AgentProcess(st, keyring_dir, tmp_path / "agent.log", faults=f"{state}=crash").start().wait_ready()
+    try:
+        res = run_cli("install", bundles["v2"], "--state-dir", st, "--keyring", keyring_dir)
+        assert res.returncode == 1 and "closed the connection without answering" in res.stderr, res
+        assert agent.proc.wait(30) == -9
+        agent = AgentProcess(st, keyring_dir, tmp_path / "agent.log").start().wait_ready()
+        assert agent.answer() == f"digits@{expect}"
+        status = json.loads(run_cli("status", "--state-dir", st, "--keyring", keyring_dir).stdout)
+        assert status["version"] == expect and status["update"] is None and status["agent"]["running"]
+        assert len(list((st / "slots").iterdir())) == expect  # v1 only, or v2 with v1 as previous
+    finally:
+        agent.stop()
+
+
+def test_leftovers_of_killed_writes_are_swept_at_start(tmp_path, keyring_dir, bundles):
+    """What a SIGKILL during an atomic write or an extraction leaves (temp files named by mkstemp/mkdtemp,
+    a half slot), and a slot no state refers to, are removed by the next owner; nothing else is."""
+    st = tmp_path / "state"
+    assert run_cli("install", bundles["v1"], "--state-dir", st, "--keyring", keyring_dir).returncode == 0
+    before = sorted(p.name for p in st.iterdir())
+    planted = [st / ".state.json.a1b2c3d4", st / ".fleet.json.zz_9y8x7", st / "slots" / ".digits-v2-0123456789ab.k3j4h5g6",
+               st / "slots" / "digits-v9-deadbeefdead"]
+    for p in planted[:2]:
+        p.write_text("{ torn")
+    for p in planted[2:]:
+        p.mkdir()
+        (p / "model.tflite").write_bytes(b"partial")
+    agent = AgentProcess(st, keyring_dir, tmp_path / "agent.log").start().wait_ready()
+    try:
+        assert not [p for p in planted if p.exists()]
+        assert sorted(p.name for p in st.iterdir()) == sorted(before + ["agent.sock"])
+        assert agent.answer() == "digits@1"
+    finally:
+        agent.stop()
 
 
 @pytest.mark.parametrize("state", ["Stage", "VerifyModel", "Commit"])
