@@ -108,7 +108,7 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
     if values["mqtt_password_file"]:
         if values["mqtt_password"]:
             raise ConfigError(f"{where}: mqtt.password and mqtt.password_file are both set; keep one")
-        values["mqtt_password"] = _read_secret(Path(values["mqtt_password_file"]), "mqtt.password_file")
+        values["mqtt_password"] = read_secret(Path(values["mqtt_password_file"]), "mqtt.password_file")
     return Config(state_dir=Path(values["state_dir"]), keyring=Path(values["keyring"]),
                   device_id=values["device_id"] or socket.gethostname(),
                   arch=values["arch"] or platform.machine(), threads=values["threads"],
@@ -120,7 +120,7 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
                                             "drift_every")})
 
 
-def _read_secret(path: Path, key: str) -> str:
+def read_secret(path: Path, key: str) -> str:
     """A password from a file (first line, without its newline); the error never shows the content."""
     try:
         text = path.read_text(encoding="utf-8")

@@ -54,7 +54,10 @@ def test_rollback_install_and_status_beside_a_running_agent(running, settings, b
 def test_one_owner_and_a_private_channel(running, settings, tmp_path):
     st, kr = running.state_dir, settings.keyring_path
     second = AgentProcess(st, settings.keyring_path, tmp_path / "second.log").start()
-    assert second.proc.wait(60) == 1
+    try:
+        assert second.proc.wait(60) == 1
+    finally:
+        second.kill()
     assert f"is in use by pid {running.proc.pid} (edgeship-agent run)" in (tmp_path / "second.log").read_text()
     sock = st / "agent.sock"
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
