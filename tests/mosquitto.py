@@ -70,12 +70,13 @@ def shipped_conf(ports: list[int], paths: dict[str, list[Path | str]]) -> str:
 
 class Mosquitto:
     def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None,
-                 acl_file: Path | None = None, host_users: dict[str, str] | None = None):
+                 acl_file: Path | None = None, host_users: dict[str, str] | None = None, extra: str = ""):
         """``users``: serve MQTT over TLS (a throw-away CA, ``ca_file``) with these usernames/passwords only;
         ``acl_file``: and enforce this ACL. ``host_users``: run deploy/mosquitto/edgeship.conf as shipped
-        (only ports and paths replaced): ``users`` log in on ``url`` (devices), ``host_users`` on ``host_url``."""
+        (only ports and paths replaced): ``users`` log in on ``url`` (devices), ``host_users`` on ``host_url``.
+        ``extra``: configuration lines appended."""
         self.folder, self.port, self.users, self.acl_file = folder, port or free_port(), users, acl_file
-        self.host_users = host_users
+        self.host_users, self.extra = host_users, extra
         self.host_port = free_port() if host_users else None
         self.proc: subprocess.Popen | None = None
         self.ca_file: Path | None = None
@@ -107,7 +108,7 @@ class Mosquitto:
                                      "acl_file": [self.folder / "acl.conf"], "persistence_location": [f"{self.folder}/"]})
         else:
             text += "allow_anonymous true\n"
-        conf.write_text(text)
+        conf.write_text(text + self.extra)
         # The log goes to a file: a pipe nobody reads fills up and blocks the broker (found at 500 clients).
         with open(self.folder / "mosquitto.log", "ab") as log:
             self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log)

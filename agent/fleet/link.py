@@ -143,7 +143,10 @@ class FleetLink:
             self.status = "idle"  # a local install or rollback replaced the desired model
         if changed:
             self._save(st)
-        d = pending(st)
+        try:
+            d = pending(st)
+        except ProtocolError:  # a stored desired state this agent cannot read: nothing to keep for it
+            d = None
         self.transfer.prune(keep=d.sha256 if d else None)
     def _load(self) -> dict[str, Any]:
         return load_state(self.agent.store.dir)
