@@ -7,8 +7,11 @@ it imports numpy, its runtimes and the standard library only - never TensorFlow,
 from agent.errors import (
     AgentError,
     BundleError,
+    BusyError,
+    CapacityError,
     CompatibilityError,
     ConfigError,
+    ControlError,
     DeltaError,
     HTTPError,
     InputError,
@@ -20,6 +23,7 @@ from agent.errors import (
     RuntimeMissingError,
     SignatureError,
     StateError,
+    StorageError,
 )
 
 __version__ = "0.1.0"
@@ -27,8 +31,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentError",
     "BundleError",
+    "BusyError",
+    "CapacityError",
     "CompatibilityError",
     "ConfigError",
+    "ControlError",
     "DeltaError",
     "HTTPError",
     "InputError",
@@ -40,5 +47,6 @@ __all__ = [
     "RuntimeMissingError",
     "SignatureError",
     "StateError",
+    "StorageError",
     "__version__",
 ]

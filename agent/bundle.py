@@ -4,8 +4,9 @@ Layout (in this order): ``manifest.json`` (canonical JSON), ``manifest.sig`` (Ed
 manifest bytes), then the files the manifest lists, sorted by name. Every entry is a plain file with
 fixed mtime/owner/mode, so the same inputs give a byte-identical bundle.
 
-Reading is defensive: only regular files with plain names, bounded sizes and counts; every byte is
-hashed against the signed manifest before anything is trusted or moved into place.
+Reading is defensive: only regular files with plain names, bounded sizes and counts; each entry's header
+must be exactly the canonical one (no sparse, pax or GNU extension headers) before a byte of it is read;
+every byte is hashed against the signed manifest before anything is trusted or moved into place.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ class Limits:
     max_total_bytes: int = 2 << 30
     max_manifest_bytes: int = 1 << 20
     max_members: int = 32
+    min_free_bytes: int = 16 << 20  # free space an install must leave on the state dir's disk
+
+    @property
+    def max_bundle_bytes(self) -> int:
+        """The largest bundle file these limits can accept (contents + one header and padding per entry)."""
+        return self.max_total_bytes + (self.max_members + 2) * 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE
 
 
 def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, bytes],
@@ -131,18 +138,17 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
     if not path.is_file():
         raise BundleError(f"{path}: bundle not found")
     seen: dict[str, tuple[str, int]] = {}
-    members: list[tarfile.TarInfo] = []
     raw_manifest = raw_sig = None
-    total = 0
+    total = pos = 0
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(path, mode="r:") as tar, open(path, "rb") as raw:
             for count, member in enumerate(tar, start=1):
                 where = f"{path}:{member.name}"
                 if count > limits.max_members:
                     raise BundleError(f"{path}: more than {limits.max_members} entries")
-                if not member.isfile():
-                    raise BundleError(f"{where}: only regular files are allowed "
-                                      f"(links, folders and devices are refused)")
+                if member.issparse() or member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                    raise BundleError(f"{where}: only plain regular files are allowed (sparse entries, links, "
+                                      f"folders and devices are refused)")
                 if not _NAME.match(member.name) or member.name in seen:
                     raise BundleError(f"{where}: unsafe or duplicate entry name")
                 limit = limits.max_manifest_bytes if member.name in (MANIFEST, SIGNATURE) \
@@ -150,6 +156,7 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
                 total += member.size
                 if member.size > limit or total > limits.max_total_bytes:
                     raise BundleError(f"{where}: entry of {member.size} bytes exceeds the size limit")
+                pos = _check_entry(raw, path, member, pos)  # before reading: no extension headers
                 src = tar.extractfile(member)
                 assert src is not None
                 digest, size = hashlib.sha256(), 0
@@ -173,12 +180,11 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
                 elif member.name == SIGNATURE:
                     raw_sig = bytes(buf or b"")
                 seen[member.name] = (digest.hexdigest(), size)
-                members.append(member)
+            _check_end(raw, path, pos)
     except (tarfile.TarError, EOFError) as exc:
         raise BundleError(f"{path}: not a readable edgeship bundle, or truncated ({exc})") from exc
     if raw_manifest is None or raw_sig is None:
         raise BundleError(f"{path}: missing {MANIFEST} or {SIGNATURE}")
-    _check_canonical(path, members)
     kid, signature = read_signature(raw_sig, f"{path}:{SIGNATURE}")
     keyring.verify(kid, raw_manifest, signature, f"{path}:{SIGNATURE}")
     manifest = parse_manifest(raw_manifest)
@@ -211,26 +217,33 @@ def _canonical_header(name: str, size: int) -> bytes:
     return _canonical_info(name, size).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
-def _check_canonical(path: Path, members: list[tarfile.TarInfo]) -> None:
-    """Every byte outside file contents must be exactly what write_bundle emits: canonical headers,
-    zero padding and the standard end of archive. So no byte of a bundle can change unnoticed."""
+def _check_entry(fh: Any, path: Path, m: tarfile.TarInfo, pos: int) -> int:
+    """Every byte outside file contents must be exactly what write_bundle emits: this entry starts where
+    the last one ended, with the canonical header (so no pax/GNU/sparse extension can hide in it) and
+    zero padding. Returns where the next entry must start."""
     blk = tarfile.BLOCKSIZE
-    with open(path, "rb") as fh:
-        pos = 0
-        for m in members:
-            if m.offset != pos:
-                raise BundleError(f"{path}:{m.name}: unexpected data before this entry")
-            fh.seek(pos)
-            if fh.read(blk) != _canonical_header(m.name, m.size):
-                raise BundleError(f"{path}:{m.name}: entry header is not canonical (altered bundle)")
-            pad = -m.size % blk
-            fh.seek(m.offset_data + m.size)
-            if pad and fh.read(pad) != bytes(pad):
-                raise BundleError(f"{path}:{m.name}: non-zero padding (altered bundle)")
-            pos = m.offset_data + m.size + pad
-        end = pos + 2 * blk
-        end += -end % tarfile.RECORDSIZE
-        fh.seek(pos)
-        tail = fh.read()
-        if len(tail) != end - pos or tail.count(0) != len(tail):
-            raise BundleError(f"{path}: trailing bytes after the archive do not match (altered bundle)")
+    if m.offset != pos:
+        raise BundleError(f"{path}:{m.name}: unexpected data before this entry (extension headers are refused)")
+    fh.seek(pos)
+    if fh.read(blk) != _canonical_header(m.name, m.size):
+        raise BundleError(f"{path}:{m.name}: entry header is not canonical (altered bundle)")
+    pad = -m.size % blk
+    end = m.offset_data + m.size + pad
+    if end > os.fstat(fh.fileno()).st_size:
+        raise BundleError(f"{path}:{m.name}: truncated (the entry declares {m.size} bytes; the file ends "
+                          f"{end - os.fstat(fh.fileno()).st_size} bytes short)")
+    fh.seek(m.offset_data + m.size)
+    if pad and fh.read(pad) != bytes(pad):
+        raise BundleError(f"{path}:{m.name}: non-zero padding (altered bundle)")
+    return m.offset_data + m.size + pad
+
+
+def _check_end(fh: Any, path: Path, pos: int) -> None:
+    """After the last entry: the standard end of archive, and nothing else."""
+    blk = tarfile.BLOCKSIZE
+    end = pos + 2 * blk
+    end += -end % tarfile.RECORDSIZE
+    fh.seek(pos)
+    tail = fh.read(end - pos + 1)
+    if len(tail) != end - pos or tail.count(0) != len(tail):
+        raise BundleError(f"{path}: trailing bytes after the archive do not match (altered bundle)")

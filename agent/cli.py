@@ -1,7 +1,8 @@
 """`edgeship-agent` - the device CLI (no TensorFlow).
 
-Today: verify a bundle like an update would be verified, and run a bundle's model on an input file.
-The install engine, `run` service and HTTP API come with the agent issue.
+`run` is the service: it owns its state dir (agent.owner) and answers `install`, `rollback` and `status`
+on its control channel (agent.control). Without a running agent those commands work on the state dir
+themselves, holding its lock; `status` never recovers or writes anything.
 """
 
 from __future__ import annotations
@@ -89,20 +90,40 @@ class _JSONFormatter:
                            "msg": record.getMessage()})
 
 
-def _agent(state_dir: Path, keyring: Path, arch: str | None, threads: int | None):
+# Fault injection for tests only: the tests fill this in a process they start themselves (tests/faults.py);
+# nothing in a production process reads it from the environment or a flag.
+FAULTS: dict[str, str] = {}
+LOCK_WAIT = 30.0  # seconds `run` waits for a short-lived owner (a CLI install) of its state dir
+
+
+def _agent(state_dir: Path, keyring: Path, arch: str | None, threads: int | None, profile: str | None = None):
     import platform
 
     from agent.keys import Keyring
     from agent.serve.service import Agent
 
-    return Agent(state_dir, Keyring.load(keyring), arch or platform.machine(), threads, faults=_faults())
+    return Agent(state_dir, Keyring.load(keyring), arch or platform.machine(), threads, faults=dict(FAULTS),
+                 profile=profile)
 
 
-def _faults() -> dict[str, str]:
-    """Test hook: EDGESHIP_AGENT_FAULTS="Commit=crash,VerifyModel=error" (read here, at the entry point)."""
-    import os
+def _on_owner(state_dir: Path, request: dict[str, Any], local: Any, timeout: float | None) -> dict[str, Any]:
+    """Send ``request`` to the agent running on ``state_dir``; without one, run ``local()`` holding the
+    state dir's lock (so no agent starts meanwhile)."""
+    from agent import control
+    from agent.owner import StateLock
 
-    return dict(f.split("=", 1) for f in os.environ.get("EDGESHIP_AGENT_FAULTS", "").split(",") if "=" in f)
+    for _ in range(2):  # an agent may start between the two checks: ask it then
+        answer = control.call(state_dir, request, timeout)
+        if answer is not None:
+            return answer
+        lock = StateLock(state_dir)
+        if lock.try_acquire(f"edgeship-agent {request['op']}"):
+            with lock:
+                return local()
+    lock = StateLock(state_dir)
+    from agent.errors import BusyError
+
+    raise BusyError(f"{state_dir} is in use by {lock.describe_holder()}; try again when it has finished")
 
 
 _state_opts = [
@@ -110,8 +131,11 @@ _state_opts = [
                  help="Agent state folder (slots and state.json)."),
     click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path),
                  help="Trusted .pub file or folder of them."),
-    click.option("--arch", help="Device architecture [default: this machine's]."),
+    click.option("--arch", envvar="EDGESHIP_AGENT_ARCH",
+                 help="Device architecture [env EDGESHIP_AGENT_ARCH; default: this machine's]."),
     click.option("--threads", type=int, help="Inference threads [default: from the manifest]."),
+    click.option("--profile", envvar="EDGESHIP_AGENT_PROFILE",
+                 help="Refuse bundles built for another device profile [env EDGESHIP_AGENT_PROFILE]."),
 ]
 
 
@@ -125,49 +149,48 @@ def state_options(fn: Any) -> Any:
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
 @state_options
 @click.option("--allow-downgrade", is_flag=True, help="Accept a lower version (explicit rollback).")
+@click.option("--allow-model-change", is_flag=True,
+              help="Accept a bundle of another model name than the one served (replaces it).")
 @click.option("--json", "as_json", is_flag=True)
 def install(bundle: Path, state_dir: Path, keyring: Path, arch: str | None, threads: int | None,
-            allow_downgrade: bool, as_json: bool) -> None:
-    """Verify and install BUNDLE crash-safely; the previous version is kept for rollback."""
-    agent = _agent(state_dir, keyring, arch, threads)
-    agent.start()
-    res = agent.install(bundle, allow_downgrade)
+            profile: str | None, allow_downgrade: bool, allow_model_change: bool, as_json: bool) -> None:
+    """Verify and install BUNDLE crash-safely; the previous version is kept for rollback.
+    Beside a running agent, the running agent installs it (BUNDLE must be readable by its user)."""
+    def local() -> dict[str, Any]:
+        agent = _agent(state_dir, keyring, arch, threads, profile)
+        agent.start()
+        return agent.install(bundle, allow_downgrade, allow_model_change).__dict__
+
+    res = _on_owner(state_dir, {"op": "install", "bundle": str(bundle.resolve()), "allow_downgrade": allow_downgrade,
+                                "allow_model_change": allow_model_change}, local, None)
     if as_json:
-        click.echo(json.dumps(res.__dict__))
+        click.echo(json.dumps(res))
     else:
-        click.echo(f"{res.status}: {' -> '.join(res.chain)}" + (f"\n{res.reason}" if res.reason else ""))
-    if not res.ok:
+        click.echo(f"{res['status']}: {' -> '.join(res['chain'])}" + (f"\n{res['reason']}" if res["reason"] else ""))
+    if res["status"] not in ("installed", "nothing-to-do", "recovered"):
         sys.exit(1)
 
 
 @cli.command()
 @state_options
-def rollback(state_dir: Path, keyring: Path, arch: str | None, threads: int | None) -> None:
-    """Switch back to the previous installed version."""
-    agent = _agent(state_dir, keyring, arch, threads)
-    agent.start()
-    click.echo(f"active: {agent.rollback()}")
+def rollback(state_dir: Path, keyring: Path, arch: str | None, threads: int | None, profile: str | None) -> None:
+    """Switch back to the previous installed version (the running agent switches, when there is one)."""
+    def local() -> dict[str, Any]:
+        agent = _agent(state_dir, keyring, arch, threads, profile)
+        agent.start()
+        return {"active": agent.rollback()}
+
+    click.echo(f"active: {_on_owner(state_dir, {'op': 'rollback'}, local, None)['active']}")
 
 
 @cli.command()
 @state_options
-def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None) -> None:
-    """Recover if needed and print the active model, fleet state and telemetry queue as JSON."""
-    agent = _agent(state_dir, keyring, arch, threads)
-    agent.start()
-    doc = agent.status()
-    from agent.fleet.desired import state_summary
-    from agent.fleet.reporter import OUTBOX_FILE
+def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None, profile: str | None) -> None:
+    """Print what is served, the update and fleet state and the telemetry queue as JSON. Read-only: asks
+    the running agent, or reads the state dir without recovering or writing anything."""
+    from agent import control, status as st
 
-    if (fleet := state_summary(Path(state_dir))) is not None:
-        doc["fleet"] = fleet
-    queue_file = Path(state_dir) / OUTBOX_FILE
-    if queue_file.exists():
-        from agent.fleet.outbox import Outbox
-
-        box = Outbox(queue_file)
-        doc["telemetry_queue"] = {"records": len(box), "dropped": box.dropped}
-        box.close()
+    doc = control.call(state_dir, {"op": "status"}) or st.report(state_dir)
     click.echo(json.dumps(doc, default=str))
 
 
@@ -188,9 +211,11 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     import signal
     import threading
 
+    from agent import control
     from agent.config import load_config
-    from agent.serve.http import make_server, settings_of
     from agent.keys import Keyring
+    from agent.owner import StateLock
+    from agent.serve.http import make_server, settings_of
     from agent.serve.service import Agent
 
     handler = logging.StreamHandler(sys.stdout)  # stdout -> journald under systemd
@@ -199,45 +224,59 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     cfg = load_config(config_path, {"state_dir": state_dir, "keyring": keyring, "http_host": http_host,
                                     "http_port": http_port})
-    agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=_faults(),
-                  interpreters=cfg.interpreters, max_sequences=cfg.max_sequences,
-                  sequence_idle_timeout=cfg.sequence_idle_timeout)
-    agent.start()
-    server = make_server(agent, cfg.http_host, cfg.http_port, settings=settings_of(cfg))
-    host, port = server.server_address[:2]
-    cur = agent.current
-    click.echo(f"edgeship-agent {cfg.device_id}: serving "
-               f"{cur.manifest.id if cur else 'no model yet'} on http://{host}:{port}", err=False)
-    sys.stdout.flush()
-    def _term(*_: Any) -> None:
-        raise KeyboardInterrupt  # systemd stop: leave serve_forever and close cleanly
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _term)
-    link = None
-    if cfg.mqtt_broker:
-        from agent.fleet.link import FleetLink
+    broker = None
+    if cfg.mqtt_broker:  # a bad broker URL is refused before anything starts
         from agent.fleet.mqtt import Broker
 
         broker = Broker.parse(cfg.mqtt_broker, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_ca_file)
-        from agent.fleet.reporter import TelemetryConfig
-
-        tele = TelemetryConfig(cfg.telemetry_interval, cfg.heartbeat, cfg.telemetry_queue_max, cfg.drift_psi,
-                               cfg.drift_every)
-        link = FleetLink(agent, Keyring.load(cfg.keyring), broker, cfg.fleet, cfg.device_id, cfg.group, tele)
-        link.start()
-        click.echo(f"fleet {cfg.fleet!r} via {broker.host}:{broker.port} (group {cfg.group or '-'})")
-    if install_bundle:
-        threading.Thread(target=lambda: click.echo(f"install: {agent.install(install_bundle).status}"),
-                         daemon=True).start()
+    lock = StateLock(cfg.state_dir).acquire(  # one owner; a running agent answers on its channel: no wait
+        "edgeship-agent run", LOCK_WAIT, give_up=lambda: control.call(cfg.state_dir, {"op": "status"}, 5) is not None)
+    channel = server = link = None
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=dict(FAULTS),
+                      profile=cfg.profile, interpreters=cfg.interpreters, max_sequences=cfg.max_sequences,
+                      sequence_idle_timeout=cfg.sequence_idle_timeout)
+        agent.start()
+        channel = control.ControlServer(agent).start()
+        try:
+            server = make_server(agent, cfg.http_host, cfg.http_port, settings=settings_of(cfg))
+        except OSError as exc:
+            raise AgentError(f"cannot serve HTTP on {cfg.http_host}:{cfg.http_port} ({exc})") from exc
+        host, port = server.server_address[:2]
+        cur = agent.current
+        click.echo(f"edgeship-agent {cfg.device_id}: serving "
+                   f"{cur.manifest.id if cur else 'no model yet'} on http://{host}:{port}", err=False)
+        sys.stdout.flush()
+
+        def _term(*_: Any) -> None:
+            raise KeyboardInterrupt  # systemd stop: leave serve_forever and close cleanly
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _term)
+        if broker is not None:
+            from agent.fleet.link import FleetLink
+            from agent.fleet.reporter import TelemetryConfig
+
+            tele = TelemetryConfig(cfg.telemetry_interval, cfg.heartbeat, cfg.telemetry_queue_max, cfg.drift_psi,
+                                   cfg.drift_every)
+            link = FleetLink(agent, Keyring.load(cfg.keyring), broker, cfg.fleet, cfg.device_id, cfg.group, tele)
+            link.start()
+            click.echo(f"fleet {cfg.fleet!r} via {broker.host}:{broker.port} (group {cfg.group or '-'})")
+        if install_bundle:
+            threading.Thread(target=lambda: click.echo(f"install: {agent.install(install_bundle).status}"),
+                             daemon=True).start()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
     finally:
         if link is not None:
             link.stop()
-        server.server_close()
+        if server is not None:
+            server.server_close()
+        if channel is not None:
+            channel.stop()
+        lock.release()
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import os
 import platform
 import socket
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,7 +31,7 @@ class Config:
     fleet: str = "default"
     group: str = ""
     mqtt_username: str | None = None
-    mqtt_password: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)  # never printed
     mqtt_ca_file: str | None = None
     telemetry_interval: float = 10.0
     heartbeat: float = 30.0
@@ -46,6 +46,7 @@ class Config:
     interpreters: int | None = None
     max_sequences: int = 16
     sequence_idle_timeout: float = 60.0
+    profile: str | None = None
 
 
 FIELDS: dict[str, tuple[str, type, Any]] = {
@@ -55,6 +56,7 @@ FIELDS: dict[str, tuple[str, type, Any]] = {
     "device_id": ("agent.device_id", str, None),
     "arch": ("agent.arch", str, None),
     "threads": ("agent.threads", int, None),
+    "profile": ("agent.profile", str, None),
     "http_host": ("http.host", str, "127.0.0.1"),
     "http_port": ("http.port", int, 8080),
     "max_body_bytes": ("http.max_body_bytes", int, 16 << 20),
@@ -63,6 +65,7 @@ FIELDS: dict[str, tuple[str, type, Any]] = {
     "group": ("mqtt.group", str, ""),
     "mqtt_username": ("mqtt.username", str, None),
     "mqtt_password": ("mqtt.password", str, None),
+    "mqtt_password_file": ("mqtt.password_file", str, None),
     "mqtt_ca_file": ("mqtt.ca_file", str, None),
     "heartbeat": ("mqtt.heartbeat", float, 30.0),
     "telemetry_interval": ("telemetry.interval", float, 10.0),
@@ -120,16 +123,33 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
         low = 0 if name in ("http_port", "telemetry_interval", "drift_every") else 1e-9
         if values[name] is not None and values[name] < low:
             raise ConfigError(f"{where}: {FIELDS[name][0]}: must be positive, got {values[name]}")
+    if values["mqtt_password_file"]:
+        if values["mqtt_password"]:
+            raise ConfigError(f"{where}: mqtt.password and mqtt.password_file are both set; keep one")
+        values["mqtt_password"] = read_secret(Path(values["mqtt_password_file"]), "mqtt.password_file")
     return Config(state_dir=Path(values["state_dir"]), keyring=Path(values["keyring"]),
                   device_id=values["device_id"] or socket.gethostname(),
                   arch=values["arch"] or platform.machine(), threads=values["threads"],
                   http_host=values["http_host"], http_port=values["http_port"],
                   max_body_bytes=values["max_body_bytes"], mqtt_broker=values["mqtt_broker"],
                   fleet=values["fleet"], group=values["group"], mqtt_username=values["mqtt_username"],
-                  mqtt_password=values["mqtt_password"], mqtt_ca_file=values["mqtt_ca_file"],
+                  mqtt_password=values["mqtt_password"], mqtt_ca_file=values["mqtt_ca_file"], profile=values["profile"],
                   **{k: values[k] for k in ("telemetry_interval", "heartbeat", "telemetry_queue_max", "drift_psi",
                                             "drift_every", *SERVING)})
 
 
+def read_secret(path: Path, key: str) -> str:
+    """A password from a file (first line, without its newline); the error never shows the content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({type(exc).__name__})") from exc
+    secret = text.split("\n", 1)[0].rstrip("\r")
+    if not secret:
+        raise ConfigError(f"{key}: {path} is empty")
+    return secret
+
+
 def _bad(where: str, key: str, typ: type, v: Any) -> Any:
-    raise ConfigError(f"{where}: {key}: expected {typ.__name__}, got {v!r}")
+    shown = type(v).__name__ if "password" in key else repr(v)  # never echo a credential
+    raise ConfigError(f"{where}: {key}: expected {typ.__name__}, got {shown}")

@@ -50,6 +50,18 @@ class StateError(AgentError):
     """The agent's state file is unreadable."""
 
 
+class StorageError(AgentError):
+    """The device lacks the free disk space an update needs."""
+
+
+class BusyError(AgentError):
+    """The state dir is owned by another process (a running agent or another command)."""
+
+
+class ControlError(AgentError):
+    """The local control channel of a running agent failed or refused a request."""
+
+
 class NotReadyError(AgentError):
     """No model is installed yet."""
 
@@ -78,5 +90,5 @@ class SequenceError(InputError):
     """A sequence id is unknown, expired or ended, or its sequence parameters are malformed."""
 
 
-class BusyError(AgentError):
+class CapacityError(AgentError):
     """A configured capacity limit is reached (e.g. live sequences); the client may retry later."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -13,19 +14,48 @@ from agent.manifest import Manifest
 from agent.runtime import Model
 
 MAX_GOLDEN_BYTES = 64 << 20
+MAX_GOLDEN_ARRAYS = 64
+MAX_NPY_HEADER = 10_000  # numpy's own default limit for .npy headers
 
 
-def load_golden(path: Path) -> dict[str, np.ndarray]:
-    """Read golden.npz, refusing archives that would inflate beyond the limit (zip bombs)."""
+def load_golden(path: Path, max_bytes: int = MAX_GOLDEN_BYTES) -> dict[str, np.ndarray]:
+    """Read golden.npz. Every size it declares is checked before anything is allocated: the zip's
+    uncompressed sizes (zip bombs), and each .npy header's shape x itemsize (an array header may declare
+    terabytes that numpy would try to allocate)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            total = sum(i.file_size for i in zf.infolist())
-            if total > MAX_GOLDEN_BYTES:
-                raise BundleError(f"{path}: golden set inflates to {total} bytes (limit {MAX_GOLDEN_BYTES})")
+            infos = zf.infolist()
+            if len(infos) > MAX_GOLDEN_ARRAYS:
+                raise BundleError(f"{path}: golden set holds {len(infos)} entries (limit {MAX_GOLDEN_ARRAYS})")
+            total = sum(i.file_size for i in infos)
+            if total > max_bytes:
+                raise BundleError(f"{path}: golden set inflates to {total} bytes (limit {max_bytes})")
+            declared = sum(_declared_bytes(zf, info, path) for info in infos)
+            if declared > max_bytes:
+                raise BundleError(f"{path}: golden arrays declare {declared} bytes (limit {max_bytes})")
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise BundleError(f"{path}: unreadable golden set ({exc})") from exc
+
+
+def _declared_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> int:
+    """The bytes one .npy member's header says its array needs, read from the header alone."""
+    where = f"{path}:{info.filename}"
+    if not info.filename.endswith(".npy"):
+        raise BundleError(f"{where}: the golden set may hold .npy arrays only")
+    with zf.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh, max_header_size=MAX_NPY_HEADER)
+        header_len = fh.tell()
+    if dtype.hasobject:
+        raise BundleError(f"{where}: object arrays are refused")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > info.file_size - header_len:
+        raise BundleError(f"{where}: header declares {nbytes} bytes of data ({shape} {dtype}) but the entry "
+                          f"holds {max(0, info.file_size - header_len)}")
+    return nbytes
 
 
 def replay(model: Model, manifest: Manifest, folder: Path) -> float:

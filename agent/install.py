@@ -7,10 +7,16 @@
 A state that matters for recovery is saved *before* it runs (write-ahead). Commit switches the active
 slot and records the next state (Cleanup) in one atomic write. On start-up ``recover`` resumes from the
 persisted state per RECOVERY; every state is idempotent, and a save counter ends crash loops.
+
+Any exception in any state (a refusal, a full disk, an allocation that fails) is a Failure event with its
+cause recorded. A slot is named after the whole signed content (the manifest's SHA-256, which covers every
+file's hash), and the state keeps, per model name, the highest version ever installed (the anti-rollback
+floor, which survives switching to another model).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -19,14 +25,15 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from agent import compat
 from agent.bundle import Limits, extract_bundle, verify_bundle
-from agent.errors import AgentError, CompatibilityError, RuntimeMissingError
+from agent.errors import AgentError, CompatibilityError, StorageError
 from agent.golden import replay
 from agent.keys import Keyring
-from agent.manifest import Manifest, parse_manifest
-from agent.runtime import Model, load_model, tflite_interpreter_class
+from agent.manifest import Manifest, canonical_json, parse_manifest
+from agent.runtime import Model, load_model
 from agent.store import Store
 
 log = logging.getLogger(__name__)
@@ -78,6 +85,7 @@ RECOVERY: dict[St, St] = {
     St.CLEANUP: St.CLEANUP,
 }
 PERSISTED = set(RECOVERY)
+UNDO = {St.ROLLBACK, St.FAILURE, St.CLEANUP}  # idempotent, and they free space: run even when a save fails
 
 
 @dataclass
@@ -96,6 +104,21 @@ class Result:
 class Device:
     arch: str
     threads: int | None = None
+    profile: str | None = None  # when set, bundles built for another profile are refused
+
+
+def describe(exc: BaseException) -> str:
+    """The cause of a failure, as recorded and reported: our own errors say it themselves."""
+    if isinstance(exc, AgentError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({type(exc).__name__}: {exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def manifest_sha256(folder: Path) -> str:
+    """What identifies a slot's content: the SHA-256 of its signed manifest (which lists every file's hash)."""
+    return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
 
 
 class Engine:
@@ -110,13 +133,14 @@ class Engine:
         self._verified: tuple[str, Model] | None = None  # reused by Commit: the model is loaded once
 
     # ------------------------------------------------------------ public
-    def install(self, bundle: Path, allow_downgrade: bool = False) -> Result:
+    def install(self, bundle: Path, allow_downgrade: bool = False, allow_model_change: bool = False) -> Result:
+        """``allow_model_change``: the bundle may replace a served model of another name (an explicit act)."""
         doc = self.store.load()
         if doc.get("update"):
             self.recover()
             doc = self.store.load()
-        upd = {"bundle": str(bundle), "allow_downgrade": allow_downgrade, "saves": 0,
-               "from": doc.get("active"), "slot": None, "error": "", "started": time.time()}
+        upd = {"bundle": str(bundle), "allow_downgrade": allow_downgrade, "allow_model_change": allow_model_change,
+               "saves": 0, "from": doc.get("active"), "slot": None, "error": "", "started": time.time()}
         return self._run(St.VERIFY, upd)
 
     def recover(self) -> Result | None:
@@ -124,8 +148,11 @@ class Engine:
         upd = doc.get("update")
         if not upd:
             return None
-        state = St(upd["state"])
-        resume = RECOVERY[state]
+        try:
+            state = St(upd.get("state"))
+            resume = RECOVERY[state]
+        except (ValueError, KeyError):
+            state, resume = St.ROLLBACK, St.ROLLBACK  # an unknown persisted state: undo whatever it was
         log.warning("recovering interrupted update of %s: was in %s, resuming in %s",
                     upd.get("bundle"), state.value, resume.value)
         upd["error"] = upd.get("error") or f"agent stopped during {state.value}"
@@ -167,15 +194,12 @@ class Engine:
                     upd["error"] = f"crash loop: gave up after {MAX_SAVES} state saves"
                     self._finish(upd, "failed")
                     return Result("refused", chain, upd["error"])
-                if state is not St.COMMIT:  # Commit persists itself, then switches
-                    self._persist(upd)
-                    self._fault(state, "crash")
             try:
-                self._fault(state, "error")
-                event = getattr(self, f"_{state.name.lower()}")(upd)
-            except AgentError as exc:
-                log.error("%s failed for %s: %s", state.value, upd["bundle"], exc)
-                upd["error"] = str(exc)
+                event = self._step(state, upd)
+            except Exception as exc:  # every error is a state (Mender's rule), whatever raised it
+                cause = describe(exc)
+                log.error("%s failed for %s: %s", state.value, upd["bundle"], cause)
+                upd["error"] = f"{upd['error']}; then {state.value} failed: {cause}" if upd.get("error") else cause
                 event = Ev.FAILURE
             if state is St.VERIFY and event is Ev.NOTHING_TO_DO:
                 result.status = "nothing-to-do"
@@ -185,6 +209,18 @@ class Engine:
             result.reason = upd["error"]
         result.chain, result.version = chain, upd.get("version")
         return result
+
+    def _step(self, state: St, upd: dict) -> Ev:
+        if state in PERSISTED and state is not St.COMMIT:  # Commit persists itself, then switches
+            try:
+                self._persist(upd)  # write-ahead: "entering <state>"
+            except Exception as exc:
+                if state not in UNDO:
+                    raise
+                log.error("cannot save the update state (%s); undoing anyway", describe(exc))
+            self._fault(state, "crash")
+        self._fault(state, "error")
+        return getattr(self, f"_{state.name.lower()}")(upd)
 
     def _persist(self, upd: dict) -> None:
         doc = self.store.load()
@@ -199,24 +235,43 @@ class Engine:
 
     # ------------------------------------------------------------ states
     def _verify(self, upd: dict) -> Ev:
-        m = verify_bundle(Path(upd["bundle"]), self.keyring, self.limits)
-        upd["version"], upd["name"] = m.version, m.name
-        upd["slot"] = f"{m.name}-v{m.version}-{m.files[0].sha256[:8]}"
-        if m.arch != self.device.arch:
-            raise CompatibilityError(f"{m.id} is built for {m.arch}; this device is {self.device.arch}")
-        _runtime_available(m)
-        active = self.store.load().get("active")
+        bundle = Path(upd["bundle"])
+        m = verify_bundle(bundle, self.keyring, self.limits)
+        digest = hashlib.sha256(canonical_json(m.data)).hexdigest()  # the exact signed bytes (canonical)
+        upd.update(version=m.version, name=m.name, manifest_sha256=digest, slot=f"{m.name}-v{m.version}-{digest[:12]}")
+        with open(bundle, "rb") as fh:
+            upd["bundle_sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+        compat.check(m, self.device.arch, self.device.profile)
+        doc = self.store.load()
+        active = doc.get("active")
         current = self.manifest_of(active)
-        if current is not None and current.name == m.name:
-            if upd["slot"] == active:
-                return Ev.NOTHING_TO_DO
-            if m.version < current.version and not upd["allow_downgrade"]:
-                raise CompatibilityError(f"{m.id} is older than the installed {current.id} "
-                                         f"(anti-rollback); use an explicit rollback to go back")
-            if m.version == current.version:
-                raise CompatibilityError(f"{m.id} has the same version as the installed model but "
-                                         f"different content; versions must increase")
+        current_sha = manifest_sha256(self.store.slot(active)) if current else None
+        floor = _floor(doc, current).get(m.name)
+        # same version, different content: refused first, whatever is active
+        if floor and m.version == floor["version"] and digest != floor["manifest_sha256"]:
+            raise CompatibilityError(f"{m.id} has the same version as the {m.name} installed before but "
+                                     f"different content; versions must increase")
+        if current_sha == digest:
+            return Ev.NOTHING_TO_DO
+        if floor and m.version < floor["version"] and not upd["allow_downgrade"]:
+            raise CompatibilityError(f"{m.id} is older than {m.name}@{floor['version']} installed before "
+                                     f"(anti-rollback); use an explicit rollback to go back")
+        if current is not None and current.name != m.name and not upd.get("allow_model_change"):
+            raise CompatibilityError(f"{m.id} would replace the served model {current.id}; changing the served "
+                                     f"model is explicit (--allow-model-change)")
+        self._check_space(m, upd["slot"], doc)
         return Ev.SUCCESS
+
+    def _check_space(self, m: Manifest, slot: str, doc: dict[str, Any]) -> None:
+        """Refuse before Stage when the new slot would not fit (its files + a margin for state writes)."""
+        if slot in (doc.get("active"), doc.get("previous")):
+            return  # already on disk
+        need = sum(f.size for f in m.files) + self.limits.min_free_bytes
+        free = shutil.disk_usage(self.store.dir).free
+        if need > free:
+            raise StorageError(f"{self.store.dir}: not enough free space for {m.id}: it needs {need} bytes "
+                               f"({need - self.limits.min_free_bytes} for its files + {self.limits.min_free_bytes} "
+                               f"margin), {free} are free; free some space and retry")
 
     def _stage(self, upd: dict) -> Ev:
         dest = self.store.slot(upd["slot"])
@@ -241,9 +296,14 @@ class Engine:
         doc = self.store.load()
         if doc.get("active") != upd["slot"]:
             doc["previous"], doc["active"] = doc.get("active"), upd["slot"]
+        doc.setdefault("slots", {})[upd["slot"]] = {"bundle_sha256": upd.get("bundle_sha256"),
+                                                    "manifest_sha256": upd.get("manifest_sha256")}
+        floor = doc.setdefault("floor", {})
+        if upd["version"] > floor.get(upd["name"], {}).get("version", 0):
+            floor[upd["name"]] = {"version": upd["version"], "manifest_sha256": upd.get("manifest_sha256")}
         upd["state"] = St.CLEANUP.value
         doc["update"] = upd
-        self.store.save(doc)  # the switch and the next state, in one atomic write
+        self.store.save(doc)  # the switch, what it installed and the next state, in one atomic write
         verified, self._verified = self._verified, None
         self.on_commit(upd["slot"], verified[1] if verified and verified[0] == upd["slot"] else None)
         return Ev.SUCCESS
@@ -276,6 +336,8 @@ class Engine:
     def _finish(self, upd: dict, outcome: str) -> None:
         doc = self.store.load()
         doc["update"] = None
+        keep = {doc.get("active"), doc.get("previous")}
+        doc["slots"] = {k: v for k, v in (doc.get("slots") or {}).items() if k in keep}
         doc["last_update"] = {"bundle": upd["bundle"], "version": upd.get("version"), "outcome": outcome,
                               "error": upd.get("error", ""), "t": time.time()}
         doc["events"].append({"t": time.time(), "event": outcome, "version": upd.get("version"),
@@ -283,11 +345,11 @@ class Engine:
         self.store.save(doc)
 
 
-def _runtime_available(m: Manifest) -> None:
-    if m.format == "tflite":
-        tflite_interpreter_class("tflite-runtime" if m.runtime == "tflite-runtime" else "litert")
-    else:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeMissingError(f"{m.id} needs ONNX Runtime; pip install onnxruntime") from exc
+def _floor(doc: dict[str, Any], current: Manifest | None) -> dict[str, dict[str, Any]]:
+    """Per model name, the highest version installed and its manifest hash (state dirs from before the
+    floor existed start from the active model)."""
+    floor = dict(doc.get("floor") or {})
+    if current is not None and current.version > floor.get(current.name, {}).get("version", 0):
+        floor[current.name] = {"version": current.version,
+                               "manifest_sha256": hashlib.sha256(canonical_json(current.data)).hexdigest()}
+    return floor

@@ -56,16 +56,17 @@ class Watcher:
 
 
 def agent_process(tmp_path, broker, keyring_dir, name, fleet="test", mqtt_extra="", faults=""):
-    """`edgeship-agent run` as its own process, configured like a Raspberry Pi 4; log in tmp_path/NAME.log."""
+    """`edgeship-agent run` as its own process, configured like a Raspberry Pi 4; log in tmp_path/NAME.log.
+    ``faults``: test-only fault injection (see agentproc)."""
     import subprocess
-    import sys
     from pathlib import Path
+
+    from agentproc import agent_cmd
 
     conf = tmp_path / f"{name}.toml"
     conf.write_text(f'[agent]\nstate_dir = "{tmp_path / name}"\nkeyring = "{keyring_dir}"\ndevice_id = "{name}"\n'
                     f'arch = "aarch64"\n[http]\nport = 0\n[mqtt]\nbroker = "{broker.url}"\nfleet = "{fleet}"\n'
                     + mqtt_extra)
     with open(tmp_path / f"{name}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(conf)],
-                                cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "EDGESHIP_AGENT_FAULTS": faults})
+        return subprocess.Popen(agent_cmd("run", "--config", str(conf), faults=faults),
+                                cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=subprocess.STDOUT)

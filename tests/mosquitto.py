@@ -48,12 +48,36 @@ def make_ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+SHIPPED_CONF = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "edgeship.conf"
+
+
+def shipped_conf(ports: list[int], paths: dict[str, list[Path | str]]) -> str:
+    """deploy/mosquitto/edgeship.conf as shipped, with the test's ports (one per listener, in order) and file
+    locations (per option, one per occurrence, in order)."""
+    out, ports, paths = [], list(ports), {k: list(v) for k, v in paths.items()}
+    for line in SHIPPED_CONF.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key = line.split()[0]
+        if key == "listener":
+            line = f"listener {ports.pop(0)} 127.0.0.1"
+        elif key in paths:
+            line = f"{key} {paths[key][0] if len(paths[key]) == 1 else paths[key].pop(0)}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 class Mosquitto:
     def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None,
-                 acl_file: Path | None = None):
+                 acl_file: Path | None = None, host_users: dict[str, str] | None = None, extra: str = ""):
         """``users``: serve MQTT over TLS (a throw-away CA, ``ca_file``) with these usernames/passwords only;
-        ``acl_file``: and enforce this ACL."""
+        ``acl_file``: and enforce this ACL. ``host_users``: run deploy/mosquitto/edgeship.conf as shipped
+        (only ports and paths replaced): ``users`` log in on ``url`` (devices), ``host_users`` on ``host_url``.
+        ``extra``: configuration lines appended."""
         self.folder, self.port, self.users, self.acl_file = folder, port or free_port(), users, acl_file
+        self.host_users, self.extra = host_users, extra
+        self.host_port = free_port() if host_users else None
         self.proc: subprocess.Popen | None = None
         self.ca_file: Path | None = None
 
@@ -66,14 +90,11 @@ class Mosquitto:
                 f"persistence_location {self.folder}/\nmessage_size_limit 1048576\n"
                 f"max_inflight_messages 100\nmax_queued_messages 10000\n")
         if self.users:
-            ca, cert, key = make_ca_and_server_cert(self.folder)
+            ca, cert, key = self.folder / "ca.pem", self.folder / "server.pem", self.folder / "server.key"
+            if not ca.exists():  # a restart keeps the CA its clients trust
+                make_ca_and_server_cert(self.folder)
             self.ca_file = ca
-            pw = self.folder / "passwd"
-            pw.write_text("")
-            for user, password in self.users.items():
-                subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(pw), user,
-                                password], check=True, capture_output=True)
-            pw.chmod(0o644)
+            pw, host_pw = self._passwd("passwd", self.users), self._passwd("host.passwd", self.host_users or {})
             text += (f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\nallow_anonymous false\n"
                      f"password_file {pw}\n")
             if self.acl_file:
@@ -81,9 +102,13 @@ class Mosquitto:
                 acl.write_text(Path(self.acl_file).read_text())
                 acl.chmod(0o644)
                 text += f"acl_file {acl}\n"
+            if self.host_users:
+                text = shipped_conf([self.port, self.host_port],
+                                    {"cafile": [ca], "certfile": [cert], "keyfile": [key], "password_file": [pw, host_pw],
+                                     "acl_file": [self.folder / "acl.conf"], "persistence_location": [f"{self.folder}/"]})
         else:
             text += "allow_anonymous true\n"
-        conf.write_text(text)
+        conf.write_text(text + self.extra)
         # The log goes to a file: a pipe nobody reads fills up and blocks the broker (found at 500 clients).
         with open(self.folder / "mosquitto.log", "ab") as log:
             self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log)
@@ -95,12 +120,33 @@ class Mosquitto:
                 time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not start: {(self.folder / 'mosquitto.log').read_text()[-2000:]}")
 
+    def _passwd(self, name: str, users: dict[str, str]) -> Path:
+        pw = self.folder / name
+        pw.write_text("")
+        for user, password in users.items():
+            subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(pw), user,
+                            password], check=True, capture_output=True)
+        pw.chmod(0o644)
+        return pw
+
     def stop(self) -> None:
         if self.proc:
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to save its database."""
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
     @property
     def url(self) -> str:
         return f"{'mqtts' if self.users else 'mqtt'}://127.0.0.1:{self.port}"
+
+    @property
+    def host_url(self) -> str:
+        """The host tools' listener (shipped configuration only)."""
+        return f"mqtts://127.0.0.1:{self.host_port}"

@@ -1,6 +1,6 @@
-"""Fleet over TLS with username/password and the ACL from deploy/mosquitto on a real Mosquitto: the host
-CLI and an agent process both use mqtts:// with a CA file; the ACL lets a device do its job; wrong
-credentials are refused by the broker and the agent keeps running."""
+"""Fleet over TLS with username/password on a real Mosquitto configured as deploy/mosquitto ships it, with
+the ACL `edgeship fleet acl` writes: the host CLI and an agent process both use mqtts:// with a CA file;
+the ACL lets a device do its job; wrong credentials are refused by the broker and the agent keeps running."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import ROOT
 from fleethelp import agent_process, needs_mosquitto
 from mosquitto import Mosquitto
 from toolkit.cli import cli
@@ -22,10 +21,14 @@ pytestmark = needs_mosquitto
 
 
 @pytest.fixture()
-def tls_broker():
+def tls_broker(tmp_path):
     folder = Path(tempfile.mkdtemp(prefix="edgeship-mosq-tls-"))
-    m = Mosquitto(folder, users={"pi-tls": "s3cret", "edgeship-host": "h0st", "pi-bad": "right"},
-                  acl_file=ROOT / "deploy" / "mosquitto" / "acl.conf").start()
+    acl = tmp_path / "edgeship.acl"
+    res = CliRunner().invoke(cli, ["fleet", "acl", "--fleet", "tls", "--device", "pi-tls", "--device", "pi-bad",
+                                   "-o", str(acl)])
+    assert res.exit_code == 0, res.output
+    m = Mosquitto(folder, users={"pi-tls": "s3cret", "pi-bad": "right"}, acl_file=acl,
+                  host_users={"edgeship-host": "h0st"}).start()
     yield m
     m.stop()
     shutil.rmtree(folder, ignore_errors=True)
@@ -38,8 +41,9 @@ def _agent(tmp_path, broker, keyring_dir, name, password):
 
 def test_tls_and_credentials_on_both_sides(tmp_path, tls_broker, settings, fleet_bundles):
     home = ["--home", str(settings.home)]
-    conn = ["--broker", tls_broker.url, "--fleet", "tls", "--username", "edgeship-host", "--password", "h0st",
-            "--ca-file", str(tls_broker.ca_file)]
+    (tmp_path / "host.pw").write_text("h0st\n")
+    conn = ["--broker", tls_broker.host_url, "--fleet", "tls", "--username", "edgeship-host", "--password-file",
+            str(tmp_path / "host.pw"), "--ca-file", str(tls_broker.ca_file)]
     good = _agent(tmp_path, tls_broker, settings.keyring_path, "pi-tls", "s3cret")
     bad = _agent(tmp_path, tls_broker, settings.keyring_path, "pi-bad", "wrong")
     try:
@@ -64,8 +68,8 @@ def test_tls_and_credentials_on_both_sides(tmp_path, tls_broker, settings, fleet
         res = CliRunner().invoke(cli, [*home, "fleet", "devices", "--json", *conn])
         assert "victim" not in {r["device"] for r in json.loads(res.output)}
         assert bad.poll() is None  # ... and still running (serving its local API, retrying with backoff)
-        res = CliRunner().invoke(cli, [*home, "fleet", "devices", "--broker", tls_broker.url.replace("mqtts", "mqtt"),
-                                       "--fleet", "tls"])
+        res = CliRunner().invoke(cli, [*home, "fleet", "devices", "--broker",
+                                       tls_broker.host_url.replace("mqtts", "mqtt"), "--fleet", "tls"])
         assert res.exit_code != 0  # plain MQTT to a TLS listener fails with a message, not a hang
     finally:
         for p in (good, bad):

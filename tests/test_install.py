@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import re
 import subprocess
-import sys
 import tarfile
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from agent.bundle import write_bundle
 from agent.keys import Keyring
 from agent.serve.service import Agent
+from agentproc import AgentProcess, agent_cmd, run_cli
 from conftest import ROOT
 
 
@@ -31,6 +33,18 @@ def rebundle(src: Path, dst: Path, key, **changes) -> Path:
     doc.pop("files", None)
     write_bundle(dst, doc, files, key.sign, key.key_id)
     return dst
+
+
+def rewrite_outputs(golden: bytes, fn) -> bytes:
+    """golden.npz with each reference output array replaced by ``fn(array)`` (the .npy bytes to store)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(golden)) as zin, zipfile.ZipFile(buf, "w") as zout:
+        for info in zin.infolist():
+            content = zin.read(info)
+            if info.filename.startswith("out."):
+                content = fn(np.lib.format.read_array(io.BytesIO(content)))
+            zout.writestr(info, content)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +99,9 @@ def test_killed_in_state(tmp_path, keyring, keyring_dir, bundles, state, expect)
     assert a.install(bundles["v1"]).ok
     faults = f"{state}=crash" + (",VerifyModel=error" if state in ("Rollback", "Failure") else "")
     for _ in range(3):
-        proc = subprocess.run([sys.executable, "-m", "agent.cli", "install", str(bundles["v2"]),
-                               "--state-dir", str(st), "--keyring", str(keyring_dir), "--arch", "aarch64"],
-                              env={**os.environ, "EDGESHIP_AGENT_FAULTS": faults}, capture_output=True,
-                              text=True, cwd=ROOT, timeout=120)
+        proc = subprocess.run(agent_cmd("install", bundles["v2"], "--state-dir", st, "--keyring", keyring_dir,
+                                        "--arch", "aarch64", faults=faults),
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == -9, proc.stderr[-2000:]
         assert json.loads((st / "state.json").read_text())["update"]["state"] == state
         assert serving_version(st, keyring) == expect  # restart: recovery runs, a model serves
@@ -99,6 +112,48 @@ def test_killed_in_state(tmp_path, keyring, keyring_dir, bundles, state, expect)
             assert not [p for p in (st / "slots").iterdir() if "-v2-" in p.name]
         else:
             break  # v2 is installed; re-installing is nothing-to-do
+
+
+@pytest.mark.parametrize("state, expect", [("Stage", 1), ("VerifyModel", 1), ("Commit", 1), ("Cleanup", 2)])
+def test_killed_during_a_control_channel_install(tmp_path, keyring_dir, bundles, state, expect):
+    """`edgeship-agent install` beside a running agent: the agent process is the one killed (in STATE); the
+    CLI says so instead of hanging, and the restarted agent serves v1 or v2 and says which."""
+    st = tmp_path / "state"
+    assert run_cli("install", bundles["v1"], "--state-dir", st, "--keyring", keyring_dir).returncode == 0
+    agent = AgentProcess(st, keyring_dir, tmp_path / "agent.log", faults=f"{state}=crash").start().wait_ready()
+    try:
+        res = run_cli("install", bundles["v2"], "--state-dir", st, "--keyring", keyring_dir)
+        assert res.returncode == 1 and "closed the connection without answering" in res.stderr, res
+        assert agent.proc.wait(30) == -9
+        agent = AgentProcess(st, keyring_dir, tmp_path / "agent.log").start().wait_ready()
+        assert agent.answer() == f"digits@{expect}"
+        status = json.loads(run_cli("status", "--state-dir", st, "--keyring", keyring_dir).stdout)
+        assert status["version"] == expect and status["update"] is None and status["agent"]["running"]
+        assert len(list((st / "slots").iterdir())) == expect  # v1 only, or v2 with v1 as previous
+    finally:
+        agent.stop()
+
+
+def test_leftovers_of_killed_writes_are_swept_at_start(tmp_path, keyring_dir, bundles):
+    """What a SIGKILL during an atomic write or an extraction leaves (temp files named by mkstemp/mkdtemp,
+    a half slot), and a slot no state refers to, are removed by the next owner; nothing else is."""
+    st = tmp_path / "state"
+    assert run_cli("install", bundles["v1"], "--state-dir", st, "--keyring", keyring_dir).returncode == 0
+    before = sorted(p.name for p in st.iterdir())
+    planted = [st / ".state.json.a1b2c3d4", st / ".fleet.json.zz_9y8x7", st / "slots" / ".digits-v2-0123456789ab.k3j4h5g6",
+               st / "slots" / "digits-v9-deadbeefdead"]
+    for p in planted[:2]:
+        p.write_text("{ torn")
+    for p in planted[2:]:
+        p.mkdir()
+        (p / "model.tflite").write_bytes(b"partial")
+    agent = AgentProcess(st, keyring_dir, tmp_path / "agent.log").start().wait_ready()
+    try:
+        assert not [p for p in planted if p.exists()]
+        assert sorted(p.name for p in st.iterdir()) == sorted(before + ["agent.sock"])
+        assert agent.answer() == "digits@1"
+    finally:
+        agent.stop()
 
 
 @pytest.mark.parametrize("state", ["Stage", "VerifyModel", "Commit"])
@@ -155,26 +210,20 @@ def _refusal_cases(bundles, key, tmp):
     cases["bad signature"] = (rebundle(v2, tmp / "forged.bundle", forged), "signature does not match")
     cases["wrong arch"] = (rebundle(v2, tmp / "arch.bundle", key, arch="armv7l"), "built for armv7l")
     cases["downgrade"] = (rebundle(v2, tmp / "old.bundle", key, version=1, name="digits"),
-                          "older than the installed|same version")
+                          "older than .* installed before \\(anti-rollback\\)|same version")
     cases["model fails to load"] = (rebundle(v2, tmp / "garbage.bundle", key, version=4,
                                              files={"model.tflite": b"TFL3 not a model"}), "could not load")
     with tarfile.open(v2) as tar:
         golden = tar.extractfile("golden.npz").read()
-    import io
-    import zipfile
 
-    buf = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(golden)) as zin, zipfile.ZipFile(buf, "w") as zout:
-        for info in zin.infolist():
-            content = zin.read(info)
-            if info.filename.startswith("out."):
-                arr = np.lib.format.read_array(io.BytesIO(content))
-                out = io.BytesIO()
-                np.lib.format.write_array(out, np.roll(arr, 1, axis=1))
-                content = out.getvalue()
-            zout.writestr(info, content)
+    def rolled(arr: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        np.lib.format.write_array(out, np.roll(arr, 1, axis=1))
+        return out.getvalue()
+
     cases["golden mismatch"] = (rebundle(v2, tmp / "golden.bundle", key, version=5,
-                                         files={"golden.npz": buf.getvalue()}), "differs from the golden set")
+                                         files={"golden.npz": rewrite_outputs(golden, rolled)}),
+                                "differs from the golden set")
     evil = tmp / "escape.bundle"
     with tarfile.open(evil, "w") as tar:
         info = tarfile.TarInfo("../../etc/evil")
@@ -190,8 +239,6 @@ def test_every_refusal_keeps_the_running_model(tmp_path, keyring, bundles, signi
     for name, (bundle, match) in _refusal_cases(bundles, signing_key, tmp_path).items():
         r = a.install(bundle)
         assert not r.ok, name
-        import re
-
         assert re.search(match, r.reason), (name, r.reason)
         assert a.current.manifest.version == 2, name
         assert a.predict(X)["probs"].shape == (3, 10)
@@ -233,21 +280,40 @@ def test_hot_swap_has_zero_failed_requests(tmp_path, keyring, bundles):
     assert a.current.manifest.version == 3
 
 
-def test_refused_missing_runtime_and_oversized(tmp_path, keyring, bundles, monkeypatch):
-    import agent.runtime as rt
-    from agent.bundle import Limits
+def test_refused_what_the_device_does_not_have(tmp_path, keyring, bundles, signing_key):
+    """The manifest's profile, runtime (name and min_version), NumPy constraint and delegate are checked
+    against what is really installed here (LiteRT 2.3, NumPy 2, no tflite-runtime, no libedgetpu)."""
+    import importlib.metadata
 
-    a = make_agent(tmp_path, keyring)
+    from agent.bundle import Limits, inspect_bundle
+
+    a = Agent(tmp_path / "state", keyring, "aarch64", profile="rpi4-arm64")
+    a.start()
     assert a.install(bundles["v1"]).ok
-    monkeypatch.setattr(rt, "TFLITE_RUNTIMES", (("litert", "no_such_module_xyz", "pip install ai-edge-litert"),))
-    r = a.install(bundles["v2"])
-    assert r.status == "refused" and "pip install ai-edge-litert" in r.reason
-    monkeypatch.undo()
+    rt = inspect_bundle(bundles["v1"])[0]["runtime"]
+    litert = importlib.metadata.version("ai-edge-litert")
+    cases = {
+        "profile": ({"profile": "rpi5-arm64"}, "built for profile 'rpi5-arm64'; this device is configured as "
+                                               "'rpi4-arm64'"),
+        "runtime": ({"runtime": {**rt, "name": "tflite-runtime", "min_version": "2.14.0"}},
+                    r"needs tflite-runtime >= 2.14.0, which is not installed on this device; pip install tflite-runtime"),
+        "min_version": ({"runtime": {**rt, "min_version": "99.0"}}, rf"needs litert >= 99.0; this device has {litert}"),
+        "numpy": ({"runtime": {**rt, "numpy": "<2"}}, rf"needs numpy <2 \(runtime.numpy\); this device has {np.__version__}"),
+        "delegate": ({"runtime": {**rt, "delegate": "edgetpu"}}, r"needs the edgetpu delegate, but libedgetpu.so.1 cannot"),
+    }
+    for name, (change, match) in cases.items():
+        r = a.install(rebundle(bundles["v1"], tmp_path / f"{name}.bundle", signing_key, version=2, **change))
+        assert r.status == "refused" and r.chain == ["Verify", "Failure", "Cleanup"], (name, r)
+        assert re.search(match, r.reason), (name, r.reason)
+        assert a.current.manifest.version == 1
+    ok = rebundle(bundles["v1"], tmp_path / "ok.bundle", signing_key, version=2,
+                  runtime={**rt, "min_version": litert, "numpy": ">=1.24,<99", "delegate": "xnnpack"})
+    assert a.install(ok).status == "installed"
     small = Agent(tmp_path / "state", keyring, "aarch64", limits=Limits(max_file_bytes=1000))
     small.start()
-    r = small.install(bundles["v2"])
+    r = small.install(bundles["v3"])
     assert r.status == "refused" and "exceeds the size limit" in r.reason
-    assert small.current.manifest.version == 1
+    assert small.current.manifest.version == 2
 
 
 def test_edgeship_agent_run_stays_light(tmp_path, digits_build, settings):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.errors import BusyError, SequenceError
+from agent.errors import CapacityError, SequenceError
 from agent.serve.sequences import Sequence, Sequences, StatePlan
 from agent.serve.service import Agent
 from modelkit import counter_tflite, make_bundle, serving_client, state_io_model
@@ -91,7 +91,7 @@ def test_idle_sequences_expire_and_ids_are_checked():
     now = [0.0]
     seqs = Sequences(StatePlan("io"), lambda: None, max_live=1, idle_timeout=10, clock=lambda: now[0])
     seqs.session(Sequence(5, start=True))
-    with pytest.raises(BusyError):
+    with pytest.raises(CapacityError):
         seqs.session(Sequence(6, start=True))
     now[0] = 10.5
     with pytest.raises(SequenceError, match="idle for more than 10 s"):

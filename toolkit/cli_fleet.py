@@ -16,7 +16,10 @@ _MQTT = [
                  help="mqtt[s]://host:port [env EDGESHIP_BROKER]."),
     click.option("--fleet", "fleet_name", default="default", show_default=True, help="Fleet name (topic namespace)."),
     click.option("--username", envvar="EDGESHIP_MQTT_USERNAME", help="[env EDGESHIP_MQTT_USERNAME]"),
-    click.option("--password", envvar="EDGESHIP_MQTT_PASSWORD", help="[env EDGESHIP_MQTT_PASSWORD]"),
+    click.option("--password", envvar="EDGESHIP_MQTT_PASSWORD",
+                 help="[env EDGESHIP_MQTT_PASSWORD] Prefer the environment or --password-file: arguments show in ps."),
+    click.option("--password-file", type=click.Path(exists=True, dir_okay=False), envvar="EDGESHIP_MQTT_PASSWORD_FILE",
+                 help="Read the password from this file's first line [env EDGESHIP_MQTT_PASSWORD_FILE]."),
     click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle for mqtts://."),
 ]
 
@@ -26,10 +29,15 @@ def mqtt_options(fn: Callable) -> Callable:
     for opt in reversed(_MQTT):
         fn = opt(fn)
 
-    def wrapper(*args: Any, broker: str, username: str | None, password: str | None, ca_file: str | None,
-                **kw: Any) -> Any:
+    def wrapper(*args: Any, broker: str, username: str | None, password: str | None, password_file: str | None,
+                ca_file: str | None, **kw: Any) -> Any:
+        from agent.config import read_secret
         from agent.fleet.mqtt import Broker
 
+        if password_file:
+            if password:
+                raise click.UsageError("give --password or --password-file, not both")
+            password = read_secret(Path(password_file), "--password-file")
         return fn(*args, conn=Broker.parse(broker, username, password, ca_file), **kw)
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
@@ -304,6 +312,33 @@ def fleet_report(s: Settings, db_path: Path | None, out: Path) -> None:
     from toolkit.fleet.views import write_report
 
     click.echo(f"report: {write_report(db_path or s.home / 'fleet.db', out)}")
+
+
+@fleet.command("acl")
+@click.option("--fleet", "fleet_name", default="default", show_default=True, help="Fleet name (topic namespace).")
+@click.option("--devices", "inventory", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Inventory: one 'DEVICE [GROUP]' per line.")
+@click.option("--device", "device_args", multiple=True, help="DEVICE or DEVICE=GROUP (repeatable).")
+@click.option("--host-user", default="edgeship-host", show_default=True, help="Username of the host tools.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here [default: stdout].")
+def fleet_acl(fleet_name: str, inventory: Path | None, device_args: tuple[str, ...], host_user: str,
+              out: Path | None) -> None:
+    """Write the broker ACL (Mosquitto acl_file) that scopes each device to its fleet and group."""
+    from agent.store import atomic_write
+    from toolkit.fleet.acl import read_inventory, render
+
+    devices = read_inventory(inventory) if inventory else {}
+    for arg in device_args:
+        dev, _, grp = arg.partition("=")
+        devices[dev] = grp
+    if not devices:
+        raise click.UsageError("name the devices with --devices FILE or --device ID[=GROUP]")
+    text = render(fleet_name, devices, host_user)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write(out, text.encode())
+        click.echo(f"wrote {out}: {len(devices)} device(s) of fleet {fleet_name!r}")
 
 
 def register(cli: click.Group) -> None:

@@ -18,6 +18,7 @@ from agent.store import atomic_write
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # installs of one desired state that may kill the agent before it gives up
+MAX_TOPICS = 8  # desired-state topics whose last seq is remembered (the device's own and its groups')
 STATE_FILE = "fleet.json"  # in the state dir: last desired state, its seq, installed bundle, attempts
 
 
@@ -65,6 +66,8 @@ def accept(st: dict[str, Any], topic: str, payload: bytes, keyring: Keyring, dev
         log.info("desired state %s v%d already handled or superseded", d.model, d.version)
         return None
     st["seq"] = st["topic_seq"][topic] = d.seq
+    if len(st["topic_seq"]) > MAX_TOPICS:  # a history of every group ever joined: keep the newest
+        st["topic_seq"] = dict(sorted(st["topic_seq"].items(), key=lambda kv: kv[1])[-MAX_TOPICS:])
     st["desired"] = doc
     return d, doc
 

@@ -2,6 +2,9 @@
 fetches bundles (``transfer``), hands them to the install engine and reports back.
 
 paho's callbacks run on its network thread and only enqueue; one worker thread does the real work.
+What it reports is derived from what the agent serves: at start-up (after a crash in any install state)
+and whenever the served model changes, the link reconciles its state with the active slot's bundle.
+The MQTT client id is the broker identity (the username), so no other login can take the session over.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from agent.errors import ProtocolError
 from agent.fleet import delta
 from agent.fleet.desired import accept, count_attempt, failure, gave_up, load_state, pending, save_state
+from agent.install import describe
 from agent.fleet.mqtt import Broker, make_client
 from agent.fleet.protocol import Desired, device_topic, group_topic
 from agent.fleet.reporter import Reporter, TelemetryConfig
@@ -33,7 +37,7 @@ class FleetLink:
         self.agent, self.keyring, self.broker = agent, keyring, broker
         self.fleet, self.device, self.group = fleet, device_id, group
         self.q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
-        self.client = make_client(f"edgeship-{fleet}-{device_id}", broker)
+        self.client = make_client(client_id(broker, fleet, device_id), broker)
         self.client.will_set(device_topic(fleet, device_id, "presence"),
                              json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -41,8 +45,8 @@ class FleetLink:
         self.transfer = Transfer(agent, self.client, fleet, agent.store.dir / "downloads", self._install)
         self.last_transfer: dict[str, Any] = {}  # how the last bundle arrived (reported)
         self.status, self.error = "idle", ""
-        if (err := failure(self._load())) is not None:
-            self.status, self.error = "failed", err  # still true after a restart
+        self._reconcile()  # after a restart: report what is served, not what was meant
+        agent.on_swap.append(lambda: self.q.put(("$swap", b"")))  # a local install/rollback changed it
         self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
         self.reporter = Reporter(self, telemetry) if telemetry else None  # telemetry + heartbeat
 
@@ -89,6 +93,9 @@ class FleetLink:
                 if topic == "$resume":
                     self._report()
                     self._resume()
+                elif topic == "$swap":
+                    self._reconcile()
+                    self._report()
                 elif topic.endswith("/desired"):
                     self._on_desired(topic, payload)
                 elif topic.endswith("/index"):
@@ -99,9 +106,48 @@ class FleetLink:
                 log.warning("ignored message: %s", exc)
                 if topic.endswith("/desired"):
                     self._report(error=str(exc))
-            except Exception:  # the link must survive anything a broker sends
+            except Exception as exc:  # the link must survive anything a broker sends, or a full disk
                 log.exception("error handling %s", topic)
+                self._fail(exc)
 
+    def _fail(self, exc: BaseException) -> None:
+        """An error escaped while downloading or installing: the desired state failed, with its cause."""
+        if self.status not in ("downloading", "installing"):
+            return
+        try:
+            self.status, self.error = "failed", describe(exc)
+            self.transfer.pending = None
+            st = self._load()
+            if st.get("desired"):
+                st["failed_seq"], st["error"] = st["desired"].get("seq"), self.error
+                self._save(st)
+            self._report()
+        except Exception:
+            log.exception("cannot record the failure")
+
+    def _reconcile(self) -> None:
+        """Derive the state this link reports from the served model: the installed bundle is the active
+        slot's; a desired state whose bundle is served is installed (whatever the last run was doing when
+        it died); stale downloads go."""
+        st = self._load()
+        served = self.agent.installed_sha256()
+        desired = st.get("desired") or {}
+        changed = st.get("installed_sha256") != served
+        st["installed_sha256"] = served
+        if served is not None and served == desired.get("bundle_sha256"):
+            self.status, self.error = "installed", ""
+            changed |= st.pop("failed_seq", None) is not None
+        elif (err := failure(st)) is not None:
+            self.status, self.error = "failed", err
+        elif self.status == "installed":
+            self.status = "idle"  # a local install or rollback replaced the desired model
+        if changed:
+            self._save(st)
+        try:
+            d = pending(st)
+        except ProtocolError:  # a stored desired state this agent cannot read: nothing to keep for it
+            d = None
+        self.transfer.prune(keep=d.sha256 if d else None)
     def _load(self) -> dict[str, Any]:
         return load_state(self.agent.store.dir)
 
@@ -120,7 +166,15 @@ class FleetLink:
         if doc.get("rollback_to") is not None:
             self._rollback(d, int(doc["rollback_to"]))
             return
-        if st.get("installed_sha256") == d.sha256:
+        if self.agent.installed_sha256() == d.sha256:  # already served: say so
+            self.status, self.error = "installed", ""
+            self._report()
+            return
+        limit = self.agent.engine.limits.max_bundle_bytes
+        if d.size > limit:
+            self.status, self.error = "failed", f"bundle of {d.size} bytes exceeds this device's limit of {limit}"
+            st["failed_seq"], st["error"] = d.seq, self.error
+            self._save(st)
             self._report()
             return
         self.transfer.begin(d)
@@ -164,7 +218,7 @@ class FleetLink:
                 self._report()
                 return
             self.agent.rollback()
-        st["installed_sha256"] = d.sha256
+        st["installed_sha256"] = self.agent.installed_sha256()
         st.pop("desired", None)
         self._save(st)
         self.transfer.pending = None
@@ -178,14 +232,19 @@ class FleetLink:
         self._save(st)  # before the engine runs: an install that kills the process is counted
         self.status = "installing"
         self._report()
-        res = self.agent.install(bundle)
+        try:  # the signed desired state names the model: changing the served model is explicit here
+            res = self.agent.install(bundle, allow_model_change=True)
+            ok, reason = res.ok, res.reason
+        except Exception as exc:  # a refusal is a Result; anything else still ends the install as failed
+            log.exception("install of %s", bundle)
+            ok, reason = False, describe(exc)
         st = self._load()
-        if res.ok:
-            st["installed_sha256"] = d.sha256
+        if ok:
+            st["installed_sha256"] = self.agent.installed_sha256()
             self.status, self.error = "installed", ""
         else:
-            self.status, self.error = "failed", res.reason
-            st["failed_seq"], st["error"] = d.seq, res.reason
+            self.status, self.error = "failed", reason
+            st["failed_seq"], st["error"] = d.seq, reason
         self._save(st)
         self.transfer.done(d)
         self._report()
@@ -194,7 +253,13 @@ class FleetLink:
         cur, st = self.agent.current, self._load()
         doc = {"v": 1, "type": "reported", "device": self.device, "group": self.group,
                "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
-               "installed_sha256": st.get("installed_sha256"), "seq": st.get("seq", 0), "status": self.status,
+               "installed_sha256": self.agent.installed_sha256(), "seq": st.get("seq", 0), "status": self.status,
                "error": error or self.error, "transfer": self.last_transfer, "delta": delta.available(),
                "t": time.time()}
         self.client.publish(device_topic(self.fleet, self.device, "reported"), json.dumps(doc), qos=1, retain=True)
+
+
+def client_id(broker: Broker, fleet: str, device: str) -> str:
+    """The MQTT client id: the authenticated identity (the username, which Mosquitto enforces with
+    use_username_as_clientid), so one device's login cannot take over another device's session."""
+    return broker.username or f"edgeship-{fleet}-{device}"

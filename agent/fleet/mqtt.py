@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -17,18 +18,28 @@ class Broker:
     port: int
     tls: bool
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never printed
     ca_file: str | None = None
 
     @classmethod
     def parse(cls, url: str, username: str | None = None, password: str | None = None,
               ca_file: str | None = None) -> "Broker":
-        u = urlparse(url if "://" in url else f"mqtt://{url}")
+        """Errors show the URL with any password in it masked."""
+        try:
+            u = urlparse(url if "://" in url else f"mqtt://{url}")
+            port = u.port
+        except ValueError:  # e.g. a port that is not a number
+            raise AgentError(f"broker {redact(url)!r}: malformed URL; expected mqtt[s]://host:port") from None
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise AgentError(f"broker {url!r}: expected mqtt://host:port or mqtts://host:port")
+            raise AgentError(f"broker {redact(url)!r}: expected mqtt://host:port or mqtts://host:port")
         tls = u.scheme == "mqtts"
-        return cls(u.hostname, u.port or (8883 if tls else 1883), tls, username or u.username,
+        return cls(u.hostname, port or (8883 if tls else 1883), tls, username or u.username,
                    password or u.password, ca_file)
+
+
+def redact(url: str) -> str:
+    """``url`` with the password of its user-info part replaced by ***."""
+    return re.sub(r"^([^:/]*://)?([^@/:]*):[^/]*@", lambda m: f"{m.group(1) or ''}{m.group(2)}:***@", url)
 
 
 def make_client(client_id: str, broker: Broker, clean_session: bool = True):

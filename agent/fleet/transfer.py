@@ -18,7 +18,7 @@ from agent.errors import DeltaError, ProtocolError
 from agent.fleet import delta
 from agent.fleet.protocol import Desired, bundle_topic, delta_topic, parse_message
 from agent.serve.service import Agent
-from agent.store import atomic_write
+from agent.store import atomic_write, sweep_temp
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class Transfer:
         if old:  # a newer desired state replaces a transfer in progress
             self.client.unsubscribe([f"{old['prefix']}/index"]
                                     + [f"{old['prefix']}/chunk/{i}" for i in sorted(old.get("missing", ()))])
+        self.prune(keep=d.sha256)  # superseded partial downloads go
         self.pending = {"desired": d, "index": None, "base": None, "no_delta": False,
                         "prefix": bundle_topic(self.fleet, d.sha256)}
         self.rx_bytes = 0
@@ -52,8 +53,16 @@ class Transfer:
     def done(self, d: Desired) -> None:
         """Forget the transfer and every file it left in the download folder."""
         self.pending = None
-        for f in self.dir.glob(f"{d.sha256}*"):
-            shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        self.prune(keep=None)
+
+    def prune(self, keep: str | None) -> None:
+        """Delete everything in the download folder except the files of bundle ``keep`` (its chunks,
+        patch, partial or assembled file), and the temp files of interrupted chunk writes."""
+        for f in self.dir.iterdir():
+            if keep is None or not f.name.startswith(keep):
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+            elif f.is_dir():
+                sweep_temp(f)
 
     def count(self, topic: str, payload: bytes) -> None:
         if "/bundle/" in topic:

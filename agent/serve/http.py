@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.errors import AgentError, BusyError, HTTPError, InputError, NotReadyError
+from agent.errors import AgentError, CapacityError, HTTPError, InputError, NotReadyError
 from agent.serve import v2
 from agent.serve.server import Request, Response, Server, ServerSettings, error
 from agent.serve.service import Agent, Loaded
@@ -45,7 +45,7 @@ class App:
             return self._route(req, path)
         except HTTPError as exc:
             return error(exc.status, str(exc))
-        except (NotReadyError, BusyError) as exc:
+        except (NotReadyError, CapacityError) as exc:
             return error(503, str(exc))
         except InputError as exc:
             return error(400, str(exc))

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agent.errors import BusyError, ManifestError, SequenceError
+from agent.errors import CapacityError, ManifestError, SequenceError
 from agent.manifest import Manifest, TensorSpec
 from agent.runtime import Model
 
@@ -163,7 +163,7 @@ class Sequences:
     def _check_room(self) -> None:
         self._sweep()
         if len(self._live) >= self.max_live:
-            raise BusyError(f"too many live sequences ({self.max_live}, [agent] max_sequences); end one with "
+            raise CapacityError(f"too many live sequences ({self.max_live}, [agent] max_sequences); end one with "
                             f"sequence_end or wait {self.idle_timeout:g} s for idle ones to expire")
 
     def _new(self) -> _Session:

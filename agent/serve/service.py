@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -90,14 +90,16 @@ class Agent:
     """Python API of the device agent."""
 
     def __init__(self, state_dir: Path, keyring: Keyring, arch: str, threads: int | None = None,
-                 faults: dict[str, str] | None = None, limits: Limits = Limits(), interpreters: int | None = None,
-                 max_sequences: int = 16, sequence_idle_timeout: float = 60.0):
+                 faults: dict[str, str] | None = None, limits: Limits = Limits(), profile: str | None = None,
+                 interpreters: int | None = None, max_sequences: int = 16, sequence_idle_timeout: float = 60.0):
         self.store = Store(state_dir)
         self.threads = threads
         self.interpreters = interpreters or os.cpu_count() or 1
         self.max_sequences, self.sequence_idle_timeout = max_sequences, sequence_idle_timeout
-        self.engine = Engine(self.store, keyring, Device(arch, threads), on_commit=self._swap, faults=faults,
-                             limits=limits)
+        self.engine = Engine(self.store, keyring, Device(arch, threads, profile), on_commit=self._swap,
+                             faults=faults, limits=limits)
+        self.on_swap: list[Callable[[], None]] = []  # called after the served model changed (the link re-reports)
+        self._installed: tuple[str, str | None] | None = None  # (served slot, its bundle's sha256), read on swap
         self.metrics = Metrics()
         self._current: Loaded | None = None
         self._install_lock = threading.Lock()
@@ -105,8 +107,10 @@ class Agent:
         self._n = 0
 
     def start(self) -> Result | None:
-        """Recover an interrupted update, then load the active model."""
+        """Recover an interrupted update, sweep what killed writes left behind, then load the active model.
+        The caller owns the state dir (see agent.owner)."""
         res = self.engine.recover()
+        self.store.sweep()
         active = self.store.load().get("active")
         if active and (self._current is None or self._current.slot != active):
             self._swap(active)
@@ -116,9 +120,9 @@ class Agent:
     def current(self) -> Loaded | None:
         return self._current
 
-    def install(self, bundle: Path, allow_downgrade: bool = False) -> Result:
+    def install(self, bundle: Path, allow_downgrade: bool = False, allow_model_change: bool = False) -> Result:
         with self._install_lock:
-            return self.engine.install(Path(bundle), allow_downgrade)
+            return self.engine.install(Path(bundle), allow_downgrade, allow_model_change)
 
     def rollback(self) -> str:
         with self._install_lock:
@@ -152,17 +156,25 @@ class Agent:
                 cur.drift.observe(arrays, out)
         return cur, out
 
+    def installed_sha256(self) -> str | None:
+        """SHA-256 of the bundle the served model came from (None: nothing served, or not recorded)."""
+        cur, rec = self._current, self._installed
+        return rec[1] if cur and rec and rec[0] == cur.slot else None
+
     def status(self) -> dict[str, Any]:
+        """What this agent serves (not what the state file meant to do) and its update state."""
         doc = self.store.load()
         cur = self._current
-        return {"active": doc.get("active"), "previous": doc.get("previous"),
+        return {"active": cur.slot if cur else None, "previous": doc.get("previous"),
                 "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
+                "installed_sha256": self.installed_sha256(),
                 "update": doc.get("update"), "last_update": doc.get("last_update")}
 
     def _swap(self, slot: str | None, model: Model | None = None) -> None:
         """Point new requests at ``slot``; ``model`` is reused when the engine already loaded it."""
         if not slot:
             self._current = None
+            self._swapped()
             return
         folder = self.store.slot(slot)
         m = parse_manifest((folder / "manifest.json").read_bytes())
@@ -174,6 +186,17 @@ class Agent:
         self._current = Loaded(slot, m, fresh, runner, Window(), Drift(m))
         log.info("serving %s (%s) from slot %s, up to %d interpreters%s", m.id, m.precision, slot,
                  self.interpreters, f", {runner.plan.kind} state" if runner.plan.stateful else "")
+        self._swapped()
+
+    def _swapped(self) -> None:
+        cur = self._current
+        try:  # read once per swap: what is reported must not depend on reading the state file again
+            self._installed = (cur.slot, self.store.bundle_sha256(cur.slot)) if cur else None
+        except AgentError as exc:
+            log.error("cannot read which bundle slot %s came from: %s", cur.slot if cur else None, exc)
+            self._installed = None
+        for fn in self.on_swap:
+            fn()
 
 
 def _check_finite(cur: Loaded, out: dict[str, np.ndarray]) -> None:

@@ -71,10 +71,15 @@ class Publisher:
         if rollback_to is not None:
             desired["rollback_to"] = rollback_to
         topic = device_topic(self.fleet, device, "desired") if device else group_topic(self.fleet, group or "")
-        self._wait([self.client.publish(topic, sign_message(desired, self.key.key_id, self.key.sign), qos=1,
-                                        retain=True)], topic)
+        payload = sign_message(desired, self.key.key_id, self.key.sign)
+        self.retain(topic, payload)
         self.last_seq = desired["seq"]  # devices echo it in their reported state once they handled it
+        self.last_payload = payload  # what a resumed rollout re-asserts
         return topic
+
+    def retain(self, topic: str, payload: bytes) -> None:
+        """(Re-)publish a retained message, e.g. a signed desired state a broker may have lost."""
+        self._wait([self.client.publish(topic, payload, qos=1, retain=True)], topic)
 
 
 def base_content(bundle: Path) -> bytes:

@@ -107,9 +107,11 @@ class Rollouts:
                 " plan, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (time.time(), time.time(), self.fleet, group, str(bundle), info["model"], info["version"],
                  info["sha256"], info["size"], "running", json.dumps(plan), ""))
-        return self.resume(int(cur.lastrowid))
+        return self.resume(int(cur.lastrowid), reassert=False)
 
-    def resume(self, rid: int) -> dict[str, Any]:
+    def resume(self, rid: int, reassert: bool = True) -> dict[str, Any]:
+        """Continue a running rollout. ``reassert``: first publish again what the broker must retain for it
+        (the bundle's chunks and index, the desired states already set), in case the broker lost them."""
         r = self.get(rid)
         if r["state"] != "running":
             raise ToolkitError(f"rollout {rid} is {r['state']}; only a running rollout can be resumed")
@@ -117,6 +119,8 @@ class Rollouts:
         pub = self.pub_factory()
         watcher = FleetWatcher(self.broker, self.fleet).start()  # one live subscription for the whole run
         try:
+            if reassert:
+                self._reassert(r, pub)
             while plan["wave"] < len(plan["waves"]):
                 if self.get(rid)["state"] != "running":  # aborted from another process
                     return self.get(rid)
@@ -124,8 +128,10 @@ class Rollouts:
                 self.echo(f"rollout {rid}: wave {plan['wave'] + 1}/{len(plan['waves'])}: {', '.join(wave)}")
                 seqs = {}
                 for dev in wave:
-                    pub.desire(r["model"], r["version"], r["sha256"], r["size"], device=dev)
+                    topic = pub.desire(r["model"], r["version"], r["sha256"], r["size"], device=dev)
                     seqs[dev] = pub.last_seq
+                    plan.setdefault("retained", {})[topic] = pub.last_payload.decode()
+                self._save(r)
                 results = self._await(r, seqs, plan["timeout"], watcher)
                 if self.get(rid)["state"] != "running":
                     return self.get(rid)
@@ -160,6 +166,17 @@ class Rollouts:
         finally:
             watcher.stop()
             pub.close()
+
+    def _reassert(self, r: dict[str, Any], pub: Publisher) -> None:
+        bundle = Path(r["bundle"])
+        if bundle.is_file():
+            pub.upload(bundle)  # content-addressed: publishing it again is harmless
+        else:
+            self.echo(f"rollout {r['id']}: {bundle} is gone; cannot publish its chunks again")
+        for topic, payload in r["plan"].get("retained", {}).items():
+            pub.retain(topic, payload.encode())  # the same signed message: devices that had it ignore it
+        self.echo(f"rollout {r['id']}: re-published the bundle and {len(r['plan'].get('retained', {}))} "
+                  f"desired state(s)")
 
     def abort(self, rid: int) -> dict[str, Any]:
         r = self.get(rid)
