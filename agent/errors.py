@@ -30,6 +30,10 @@ class RuntimeMissingError(AgentError):
     """The runtime a model needs is not installed on this device."""
 
 
+class DiskSpaceError(AgentError):
+    """The state folder has too little free disk for an update."""
+
+
 class ModelError(AgentError):
     """A model failed to load or to run in its runtime."""
 

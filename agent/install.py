@@ -21,16 +21,20 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
+from agent import device as dev
 from agent.bundle import Limits, extract_bundle, verify_bundle
-from agent.errors import AgentError, CompatibilityError, RuntimeMissingError
+from agent.errors import AgentError, CompatibilityError, DiskSpaceError, RuntimeMissingError
 from agent.golden import replay
 from agent.keys import Keyring
 from agent.manifest import Manifest, parse_manifest
-from agent.runtime import Model, load_model, tflite_interpreter_class
+from agent.runtime import Model, load_model
 from agent.store import Store
 
 log = logging.getLogger(__name__)
 MAX_SAVES = 20
+DISK_RESERVE = 8 << 20  # free space kept beyond the extracted files (state writes, logs)
 
 
 class St(str, Enum):
@@ -202,9 +206,9 @@ class Engine:
         m = verify_bundle(Path(upd["bundle"]), self.keyring, self.limits)
         upd["version"], upd["name"] = m.version, m.name
         upd["slot"] = f"{m.name}-v{m.version}-{m.files[0].sha256[:8]}"
-        if m.arch != self.device.arch:
-            raise CompatibilityError(f"{m.id} is built for {m.arch}; this device is {self.device.arch}")
-        _runtime_available(m)
+        problems = compatibility_problems(m, self.device.arch, self.store.dir)
+        if problems:
+            raise next(iter(problems.values()))
         active = self.store.load().get("active")
         current = self.manifest_of(active)
         if current is not None and current.name == m.name:
@@ -283,11 +287,30 @@ class Engine:
         self.store.save(doc)
 
 
-def _runtime_available(m: Manifest) -> None:
-    if m.format == "tflite":
-        tflite_interpreter_class("tflite-runtime" if m.runtime == "tflite-runtime" else "litert")
-    else:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeMissingError(f"{m.id} needs ONNX Runtime; pip install onnxruntime") from exc
+def compatibility_problems(m: Manifest, arch: str, state_dir: Path | None = None) -> dict[str, AgentError]:
+    """Why this device cannot take ``m``, by check (arch, runtime, numpy, disk); empty: it can. Verify
+    refuses with the first; ``edgeship-agent doctor --bundle`` shows them all. The runtime's version and
+    NumPy constraint apply when ``m`` runs in the runtime it was built for."""
+    problems: dict[str, AgentError] = {}
+    if m.arch != arch:
+        problems["arch"] = CompatibilityError(
+            f"{m.id} is built for {m.arch} (profile {m.profile}, {m.runtime}); this device is {arch}: "
+            f"build it with a profile for {arch}{' such as rpi3-armv7' if arch == 'armv7l' else ''}")
+    try:
+        rt = dev.runtime_for(m, arch)
+        if rt.name == m.runtime:  # a substitute (LiteRT for tflite-runtime) has its own versions
+            if not dev.at_least(rt.version, m.runtime_min_version):
+                problems["runtime"] = RuntimeMissingError(f"{m.id} needs {m.runtime} {m.runtime_min_version} or "
+                                                          f"newer; this device has {rt.version}")
+            want = (m.data.get("runtime") or {}).get("numpy")
+            if isinstance(want, str) and want and not dev.satisfies(np.__version__, want):
+                problems["numpy"] = CompatibilityError(f"{m.id} runs in {m.runtime}, which needs numpy {want}; "
+                                                       f"this device has numpy {np.__version__}")
+    except RuntimeMissingError as exc:
+        problems["runtime"] = exc
+    need = sum(f.size for f in m.files) + DISK_RESERVE
+    free = dev.free_bytes(state_dir) if state_dir is not None else None
+    if free is not None and free < need:
+        problems["disk"] = DiskSpaceError(f"{m.id} needs {need / 1e6:.1f} MB free in {state_dir} to install; "
+                                          f"{free / 1e6:.1f} MB are free")
+    return problems

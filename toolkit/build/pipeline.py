@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agent.manifest import FORMATS
+from agent.manifest import FORMATS, no_wheels
 from agent.store import atomic_write
 from toolkit.build import edgetpu, selective
 from toolkit.build.data import Dataset, load_dataset
@@ -169,9 +169,10 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
 def check_supported(source: Any, profile: Profile) -> None:
     """Refuse source/profile pairs edgeship cannot convert, before any work is done."""
     if source.kind == "onnx" and profile.format == "tflite":
+        no_onnx = no_wheels("onnxruntime", profile.arch)
         raise ConversionError(f"{source.path}: an ONNX model cannot be converted to TFLite for "
-                              f"{profile.name}; give the Keras or SavedModel original, or target an "
-                              f"onnxruntime profile")
+                              f"{profile.name}; give the Keras or SavedModel original"
+                              + (f" ({no_onnx})" if no_onnx else ", or target an onnxruntime profile"))
     if source.kind == "tflite" and profile.format != "tflite":
         raise ConversionError(f"{source.path}: a .tflite model can only be bundled for TFLite profiles, "
                               f"not {profile.name} ({profile.runtime})")
