@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import os
 import platform
 import re
 import shutil
@@ -30,7 +29,7 @@ from agent.manifest import Manifest, no_wheels
 DISTS = {"litert": "ai-edge-litert", "tflite-runtime": "tflite-runtime", "onnxruntime": "onnxruntime",
          "tensorflow": "tensorflow"}
 DEVICE_RUNTIMES = ("litert", "tflite-runtime", "onnxruntime")  # what doctor reports (not TensorFlow)
-# Which installed runtimes may run a bundle built for a runtime, in the order the agent loads them:
+# Which installed runtimes may run a bundle built for a runtime, in order of preference:
 # LiteRT runs what tflite-runtime 2.14 runs, not the reverse (LiteRT models may use newer op versions).
 # TensorFlow's own interpreter stands in on development hosts only.
 RUNS_ON: dict[str, tuple[str, ...]] = {
