@@ -1,4 +1,4 @@
-"""Agent smoke run for an emulated Raspberry Pi 4 (aarch64 wheels under qemu-user).
+"""Agent smoke run inside an emulated Raspberry Pi userland (aarch64 or armv7l, under qemu-user).
 
 Runs in-process (no subprocess: without binfmt_misc an emulated exec of sys.executable fails):
 install v1 (signature, hashes, LiteRT load, golden set), serve HTTP, infer over v2, rebuild v2 from a

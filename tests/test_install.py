@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -16,7 +15,9 @@ import pytest
 from agent.bundle import write_bundle
 from agent.keys import Keyring
 from agent.serve.service import Agent
-from conftest import ROOT
+from conftest import DEVICE_ARCH, PYTHON, ROOT, device_bundle
+
+pytestmark = pytest.mark.device
 
 
 def rebundle(src: Path, dst: Path, key, **changes) -> Path:
@@ -36,7 +37,7 @@ def rebundle(src: Path, dst: Path, key, **changes) -> Path:
 @pytest.fixture(scope="module")
 def bundles(digits_build, signing_key, tmp_path_factory):
     d = tmp_path_factory.mktemp("bundles")
-    v1 = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    v1 = device_bundle(digits_build)
     return {"v1": v1, "v2": rebundle(v1, d / "v2.bundle", signing_key, version=2),
             "v3": rebundle(v1, d / "v3.bundle", signing_key, version=3), "dir": d}
 
@@ -47,7 +48,7 @@ def keyring_dir(settings, signing_key):
 
 
 def make_agent(tmp_path, keyring, **kw) -> Agent:
-    a = Agent(tmp_path / "state", keyring, "aarch64", **kw)
+    a = Agent(tmp_path / "state", keyring, DEVICE_ARCH, **kw)
     a.start()
     return a
 
@@ -56,7 +57,7 @@ X = np.random.default_rng(0).random((3, 8, 8, 1), np.float32)
 
 
 def serving_version(state: Path, keyring: Keyring) -> int:
-    a = Agent(state, keyring, "aarch64")
+    a = Agent(state, keyring, DEVICE_ARCH)
     a.start()
     assert a.current is not None, "agent came back serving nothing"
     assert a.predict(X)["probs"].shape == (3, 10)
@@ -85,8 +86,8 @@ def test_killed_in_state(tmp_path, keyring, keyring_dir, bundles, state, expect)
     assert a.install(bundles["v1"]).ok
     faults = f"{state}=crash" + (",VerifyModel=error" if state in ("Rollback", "Failure") else "")
     for _ in range(3):
-        proc = subprocess.run([sys.executable, "-m", "agent.cli", "install", str(bundles["v2"]),
-                               "--state-dir", str(st), "--keyring", str(keyring_dir), "--arch", "aarch64"],
+        proc = subprocess.run([*PYTHON, "-m", "agent.cli", "install", str(bundles["v2"]),
+                               "--state-dir", str(st), "--keyring", str(keyring_dir), "--arch", DEVICE_ARCH],
                               env={**os.environ, "EDGESHIP_AGENT_FAULTS": faults}, capture_output=True,
                               text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == -9, proc.stderr[-2000:]
@@ -153,7 +154,8 @@ def _refusal_cases(bundles, key, tmp):
     cases["unknown key"] = (rebundle(v2, tmp / "unknown.bundle", unknown), "does not trust")
     forged = SimpleNamespace(sign=other.sign, key_id=key.key_id)
     cases["bad signature"] = (rebundle(v2, tmp / "forged.bundle", forged), "signature does not match")
-    cases["wrong arch"] = (rebundle(v2, tmp / "arch.bundle", key, arch="armv7l"), "built for armv7l")
+    other = "x86_64" if DEVICE_ARCH != "x86_64" else "armv7l"
+    cases["wrong arch"] = (rebundle(v2, tmp / "arch.bundle", key, arch=other), f"built for {other}")
     cases["downgrade"] = (rebundle(v2, tmp / "old.bundle", key, version=1, name="digits"),
                           "older than the installed|same version")
     cases["model fails to load"] = (rebundle(v2, tmp / "garbage.bundle", key, version=4,
@@ -241,9 +243,9 @@ def test_refused_missing_runtime_and_oversized(tmp_path, keyring, bundles, monke
     assert a.install(bundles["v1"]).ok
     monkeypatch.setattr(rt, "TFLITE_RUNTIMES", (("litert", "no_such_module_xyz", "pip install ai-edge-litert"),))
     r = a.install(bundles["v2"])
-    assert r.status == "refused" and "pip install ai-edge-litert" in r.reason
+    assert r.status == "refused" and "which is not installed" in r.reason and "pip install" in r.reason, r.reason
     monkeypatch.undo()
-    small = Agent(tmp_path / "state", keyring, "aarch64", limits=Limits(max_file_bytes=1000))
+    small = Agent(tmp_path / "state", keyring, DEVICE_ARCH, limits=Limits(max_file_bytes=1000))
     small.start()
     r = small.install(bundles["v2"])
     assert r.status == "refused" and "exceeds the size limit" in r.reason
@@ -254,7 +256,7 @@ def test_edgeship_agent_run_stays_light(tmp_path, digits_build, settings):
     """The modules a running agent (`edgeship-agent run`, serving HTTP) pulls in: no TensorFlow."""
     from conftest import run_py
 
-    bundle = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    bundle = device_bundle(digits_build)
     code = f'''
 import sys, threading, time, json, http.client
 from click.testing import CliRunner
@@ -276,8 +278,8 @@ assert started and started[0].current is not None, res and (res[0].output, res[0
 import os  # CliRunner swapped sys.stdout for the running command: write to fd 1
 os.write(1, (json.dumps(sorted({{m.split(".")[0] for m in sys.modules}})) + "\\n").encode())
 '''
-    mods = set(json.loads(run_py(code, EDGESHIP_AGENT_ARCH="aarch64").strip().splitlines()[-1]))
-    assert "ai_edge_litert" in mods
+    mods = set(json.loads(run_py(code, EDGESHIP_AGENT_ARCH=DEVICE_ARCH).strip().splitlines()[-1]))
+    assert mods & {"ai_edge_litert", "tflite_runtime"}
     assert not mods & {"tensorflow", "tf_keras", "tf2onnx", "toolkit", "keras", "onnx"}
 
 
