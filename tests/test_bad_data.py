@@ -73,6 +73,8 @@ def test_reference_below_chance_fails_the_gate_and_takes_no_version(digits, fp32
     res = CliRunner().invoke(cli, [*args, "--validation", str(digits["validation"])])
     assert res.exit_code == 0, res.output
     assert (out / "digits-v1-rpi4-fp32.bundle").is_file() and (out / "digits-v1.json").is_file()
+    res = CliRunner().invoke(cli, [*args, "--validation", str(digits["validation"]), "--version", "1"])
+    assert res.exit_code == 1 and "--version 1: digits v1 for rpi4-fp32 is already registered" in res.output
 
 
 def test_npy_validation_file_is_a_one_line_error(digits, tmp_path):
