@@ -7,7 +7,7 @@
 set -euo pipefail
 DEST=${1:?usage: armv7-setup.sh DEST}
 ROOT="$DEST/root"; SITE="$DEST/site"
-[ -f "$DEST/.ready-1" ] && exit 0  # bump the marker when the package or wheel list changes
+[ -f "$DEST/.ready-2" ] && exit 0  # bump the marker when the package or wheel list changes
 export DEBIAN_FRONTEND=noninteractive
 if ! dpkg --print-foreign-architectures | grep -q armhf; then dpkg --add-architecture armhf; fi
 # One index can fail transiently ("Mirror sync in progress"); the download below says if it matters.
@@ -37,9 +37,9 @@ python3 -m pip install -q --no-deps --only-binary=:all: --python-version 3.11 --
   "${PLAT[@]}" --target "$SITE" tflite-runtime==2.14.0
 python3 -m pip install -q --no-deps --only-binary=:all: --python-version 3.11 --implementation cp --abi abi3 \
   "${PLAT[@]}" --target "$SITE" --upgrade cryptography==48.0.0
-# Pure-Python: the agent's MQTT client and CLI, and pytest to run the device tests in this userland.
+# Pure-Python: the agent's MQTT client, CLI and HTTP/1.1 (h11), and pytest to run the device tests here.
 python3 -m pip install -q --no-deps --only-binary=:all: --target "$SITE" --upgrade \
-  paho-mqtt==2.2.0 click==8.4.0 pycparser pytest==9.0.3 pluggy==1.6.0 iniconfig packaging pygments
+  paho-mqtt==2.2.0 click==8.4.0 h11==0.16.0 pycparser pytest==9.0.3 pluggy==1.6.0 iniconfig packaging pygments
 QEMU_LD_PREFIX="$ROOT" qemu-arm-static -L "$ROOT" "$ROOT/usr/bin/python3.11" \
   -m compileall -q -j0 "$ROOT/usr/lib/python3.11" "$ROOT/usr/lib/python3/dist-packages" >/dev/null 2>&1 || true
-touch "$DEST/.ready-1"
+touch "$DEST/.ready-2"

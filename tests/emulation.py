@@ -62,9 +62,9 @@ class Userland:
 
 USERLANDS = {
     "aarch64": Userland("aarch64", "aarch64", "qemu-aarch64-static",
-                        Path(os.environ.get("EDGESHIP_AARCH64", CACHE / "aarch64")), ".ready-2", "cortex-a72"),
+                        Path(os.environ.get("EDGESHIP_AARCH64", CACHE / "aarch64")), ".ready-3", "cortex-a72"),
     "armv7": Userland("armv7", "armv7l", "qemu-arm-static",
-                      Path(os.environ.get("EDGESHIP_ARMV7", CACHE / "armv7")), ".ready-1"),
+                      Path(os.environ.get("EDGESHIP_ARMV7", CACHE / "armv7")), ".ready-2"),
 }
 
 
