@@ -5,7 +5,13 @@
 set -euo pipefail
 DEST=${1:?usage: aarch64-setup.sh DEST}
 ROOT="$DEST/root"; SITE="$DEST/site"
-[ -f "$DEST/.ready-3" ] && exit 0  # bump the marker when the wheel list changes
+TOOLS=(pytest==9.0.3 pluggy==1.6.0 iniconfig packaging pygments)  # to run the device tests in this userland
+if [ -f "$DEST/.ready-3" ]; then  # bump the marker when the wheel list changes
+  # Added later: pure-Python test tools, installed beside a userland others may be using (no rebuild).
+  [ -f "$DEST/.tools-1" ] || { python3 -m pip install -q --no-deps --only-binary=:all: --target "$SITE" \
+    "${TOOLS[@]}" && touch "$DEST/.tools-1"; }
+  exit 0
+fi
 export DEBIAN_FRONTEND=noninteractive
 if ! dpkg --print-foreign-architectures | grep -q arm64; then dpkg --add-architecture arm64; fi
 apt-get update -qq
@@ -28,6 +34,7 @@ for n in $(seq 17 36); do PLAT+=(--platform "manylinux_2_${n}_aarch64"); done
 python3 -m pip install -q --no-deps --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
   "${PLAT[@]}" --target "$SITE" numpy==2.4.6 ai-edge-litert==2.3.0 onnxruntime==1.32.0 paho-mqtt==2.2.0 zstandard==0.25.0 \
   click==8.4.0 cryptography==48.0.0 h11==0.16.0 cffi flatbuffers protobuf coloredlogs humanfriendly sympy mpmath packaging pycparser
+python3 -m pip install -q --no-deps --only-binary=:all: --target "$SITE" "${TOOLS[@]}"
 QEMU_CPU=cortex-a72 QEMU_LD_PREFIX="$ROOT" qemu-aarch64-static -L "$ROOT" "$ROOT/usr/bin/python3.11" \
   -m compileall -q -j0 "$ROOT/usr/lib/python3.11" >/dev/null 2>&1 || true
-touch "$DEST/.ready-3"
+touch "$DEST/.ready-3" "$DEST/.tools-1"

@@ -279,6 +279,31 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
         lock.release()
 
 
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="agent.toml to take the state dir, keyring and arch from.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Agent state folder whose free disk counts [default: from the config, /var/lib/edgeship].")
+@click.option("--keyring", type=click.Path(exists=True, path_type=Path),
+              help="Trusted .pub file or folder, to verify --bundle's signature [default: from the config].")
+@click.option("--arch", help="Device architecture [default: this machine's].")
+@click.option("--bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Say whether this bundle would install here, check by check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def doctor(config_path: Path | None, state_dir: Path | None, keyring: Path | None, arch: str | None,
+           bundle: Path | None, as_json: bool) -> None:
+    """What this device has (arch, Python, NumPy, runtimes, zstandard, free disk, time sync) and whether
+    a bundle would install. Exits 1 when --bundle would not install. Writes nothing."""
+    from agent.config import load_config
+    from agent.doctor import report, text
+
+    cfg = load_config(config_path, {"state_dir": state_dir, "keyring": keyring, "arch": arch})
+    doc = report(cfg.state_dir, cfg.arch, bundle, cfg.keyring, cfg.profile)
+    click.echo(json.dumps(doc) if as_json else text(doc))
+    if bundle is not None and doc["bundle"]["would_install"] is False:
+        sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="edgeship-agent")
 

@@ -30,6 +30,7 @@ class RuntimeMissingError(AgentError):
     """The runtime a model needs is not installed on this device."""
 
 
+
 class ModelError(AgentError):
     """A model failed to load or to run in its runtime."""
 

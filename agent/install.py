@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
-from agent import compat
+from agent import device as dev
 from agent.bundle import Limits, extract_bundle, verify_bundle
 from agent.errors import AgentError, CompatibilityError, StorageError
 from agent.golden import replay
@@ -241,7 +241,9 @@ class Engine:
         upd.update(version=m.version, name=m.name, manifest_sha256=digest, slot=f"{m.name}-v{m.version}-{digest[:12]}")
         with open(bundle, "rb") as fh:
             upd["bundle_sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
-        compat.check(m, self.device.arch, self.device.profile)
+        problems = dev.problems(m, self.device.arch, self.device.profile)
+        if problems:
+            raise next(iter(problems.values()))
         doc = self.store.load()
         active = doc.get("active")
         current = self.manifest_of(active)

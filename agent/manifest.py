@@ -17,9 +17,22 @@ SCHEMA_VERSION = 1
 FORMATS = {"tflite": ".tflite", "onnx": ".onnx"}
 RUNTIME_FORMATS = {"litert": "tflite", "tflite-runtime": "tflite", "onnxruntime": "onnx"}
 ARCHES = ("aarch64", "armv7l", "x86_64")
+# Where each runtime's wheels exist (PyPI, Nov 2026). tflite-runtime 2.14.0 is its last release.
+RUNTIME_ARCHES = {"litert": {"aarch64", "x86_64"}, "onnxruntime": {"aarch64", "x86_64"},
+                  "tflite-runtime": {"aarch64", "armv7l", "x86_64"}}
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def no_wheels(runtime: str, arch: str) -> str | None:
+    """Why ``runtime`` cannot exist on ``arch`` (None when it can): one message for the toolkit's
+    profile check and the agent's install check."""
+    if arch in RUNTIME_ARCHES.get(runtime, {arch}):
+        return None
+    hint = "; on 32-bit ARM use tflite-runtime 2.14 (with numpy<2), e.g. the rpi3-armv7 profile" \
+        if arch == "armv7l" else ""
+    return f"{runtime} has no wheels for {arch}{hint}"
 
 
 def canonical_json(data: dict[str, Any]) -> bytes:

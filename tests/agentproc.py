@@ -7,8 +7,9 @@ that wants it starts the agent through ``FAULT_RUNNER``, which fills ``agent.cli
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from conftest import DEVICE_ARCH, PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_RUNNER = ("import sys; from agent import cli; "
@@ -18,15 +19,15 @@ FAULT_RUNNER = ("import sys; from agent import cli; "
 def agent_cmd(*args: str, faults: str = "") -> list[str]:
     """argv for ``edgeship-agent ARGS`` (cwd must be ROOT); ``faults`` injects faults into that process."""
     if faults:
-        return [sys.executable, "-c", FAULT_RUNNER, faults, *map(str, args)]
-    return [sys.executable, "-m", "agent.cli", *map(str, args)]
+        return [*PYTHON, "-c", FAULT_RUNNER, faults, *map(str, args)]
+    return [*PYTHON, "-m", "agent.cli", *map(str, args)]
 
 
 def agent_env(**extra: str) -> dict[str, str]:
-    """The environment of an agent process configured like a Raspberry Pi 4."""
+    """The environment of an agent process configured as the device under test (a Raspberry Pi 4 on a host)."""
     import os
 
-    return {**os.environ, "EDGESHIP_AGENT_ARCH": "aarch64", **extra}
+    return {**os.environ, "EDGESHIP_AGENT_ARCH": DEVICE_ARCH, **extra}
 
 
 def run_cli(*args: str, faults: str = "", timeout: float = 120):

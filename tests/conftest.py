@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The device the agent tests act as: a Raspberry Pi 4 (its arch pretended on this host) or, inside an
+# emulated userland (tests/emulation.py), that userland's own arch. PYTHON starts a Python process there
+# (qemu-user without binfmt_misc cannot exec the emulated sys.executable directly).
+DEVICE_ARCH = os.environ.get("EDGESHIP_TEST_ARCH", "aarch64")
+DEVICE_PROFILE = {"aarch64": "rpi4-arm64", "armv7l": "rpi3-armv7", "x86_64": "x86_64-onnx"}[DEVICE_ARCH]
+PYTHON = shlex.split(os.environ.get("EDGESHIP_PYTHON_CMD", "")) or [sys.executable]
+
+
+def device_bundle(build) -> Path:
+    """The bundle a build made for the device under test."""
+    return next(p.bundle for p in build.profiles if p.profile.name == DEVICE_PROFILE)
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +103,7 @@ def run_py(code: str, **env) -> str:
     """Run Python code in a fresh interpreter; returns stdout."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+    proc = subprocess.run([*PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, **env}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -132,5 +144,10 @@ def fleet_bundles(digits_build, signing_key, tmp_path_factory):
     from test_install import rebundle
 
     d = tmp_path_factory.mktemp("fb")
-    v1 = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    v1 = device_bundle(digits_build)
     return {"v1": v1, "v2": rebundle(v1, d / "v2.bundle", signing_key, version=2)}
+
+
+if os.environ.get("EDGESHIP_DEVICE_INPUTS"):  # inside an emulated userland: host-built inputs, no TensorFlow
+    from emulated_fixtures import (  # noqa: F401,F811 - these replace the host fixtures of the same names
+        digits, digits_build, digits_outlier, make_options, settings, tflite_runtime_python)

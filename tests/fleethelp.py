@@ -11,6 +11,7 @@ import pytest
 
 from agent.fleet.mqtt import Broker, make_client
 from agent.serve.service import Agent
+from conftest import DEVICE_ARCH
 
 needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None and not os.path.exists(
     "/usr/sbin/mosquitto"), reason="mosquitto not installed (apt-get install mosquitto)")
@@ -19,7 +20,7 @@ needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None and not o
 def start_agent(tmp_path, name, broker, keyring, group="", **link_kw):
     from agent.fleet.link import FleetLink
 
-    a = Agent(tmp_path / name, keyring, "aarch64")
+    a = Agent(tmp_path / name, keyring, DEVICE_ARCH)
     a.start()
     link = FleetLink(a, keyring, Broker.parse(broker.url), "test", name, group, **link_kw)
     link.start()
@@ -56,7 +57,7 @@ class Watcher:
 
 
 def agent_process(tmp_path, broker, keyring_dir, name, fleet="test", mqtt_extra="", faults=""):
-    """`edgeship-agent run` as its own process, configured like a Raspberry Pi 4; log in tmp_path/NAME.log.
+    """`edgeship-agent run` as its own process, configured as the device under test; log in tmp_path/NAME.log.
     ``faults``: test-only fault injection (see agentproc)."""
     import subprocess
     from pathlib import Path
@@ -65,7 +66,7 @@ def agent_process(tmp_path, broker, keyring_dir, name, fleet="test", mqtt_extra=
 
     conf = tmp_path / f"{name}.toml"
     conf.write_text(f'[agent]\nstate_dir = "{tmp_path / name}"\nkeyring = "{keyring_dir}"\ndevice_id = "{name}"\n'
-                    f'arch = "aarch64"\n[http]\nport = 0\n[mqtt]\nbroker = "{broker.url}"\nfleet = "{fleet}"\n'
+                    f'arch = "{DEVICE_ARCH}"\n[http]\nport = 0\n[mqtt]\nbroker = "{broker.url}"\nfleet = "{fleet}"\n'
                     + mqtt_extra)
     with open(tmp_path / f"{name}.log", "ab") as log:
         return subprocess.Popen(agent_cmd("run", "--config", str(conf), faults=faults),

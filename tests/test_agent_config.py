@@ -7,6 +7,8 @@ import pytest
 from agent.config import load_config
 from agent.errors import ConfigError
 
+pytestmark = pytest.mark.device
+
 
 def test_precedence(tmp_path):
     f = tmp_path / "agent.toml"

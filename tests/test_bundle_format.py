@@ -15,6 +15,8 @@ from agent.bundle import extract_bundle, inspect_bundle, verify_bundle, write_bu
 from agent.errors import BundleError, ManifestError, SignatureError
 from agent.keys import Keyring, key_id
 
+pytestmark = pytest.mark.device
+
 
 def _key():
     k = Ed25519PrivateKey.generate()

@@ -18,6 +18,7 @@ from toolkit.fleet.publish import publish
 pytestmark = needs_mosquitto
 
 
+@pytest.mark.device
 def test_publish_to_group_installs_on_every_agent(tmp_path, broker, keyring, signing_key, fleet_bundles):
     w = Watcher(broker)
     agents = [start_agent(tmp_path, f"pi-{i}", broker, keyring, group="kitchen") for i in range(3)]
@@ -50,6 +51,7 @@ def test_publish_to_group_installs_on_every_agent(tmp_path, broker, keyring, sig
         w.stop()
 
 
+@pytest.mark.device
 def test_offline_device_converges_and_bad_messages_are_ignored(tmp_path, broker, keyring, signing_key,
                                                                 fleet_bundles):
     publish(fleet_bundles["v2"], Broker.parse(broker.url), "test", signing_key, device="late")
@@ -75,6 +77,7 @@ def test_offline_device_converges_and_bad_messages_are_ignored(tmp_path, broker,
         w.stop()
 
 
+@pytest.mark.device
 def test_tampered_chunk_is_ignored_and_transfer_resumes(tmp_path, broker, keyring, signing_key, fleet_bundles):
     """A corrupted retained chunk is refused; after the publisher repairs it, the agent finishes
     without re-downloading the chunks it already had (resume), and after an agent restart too."""
@@ -106,6 +109,7 @@ def test_tampered_chunk_is_ignored_and_transfer_resumes(tmp_path, broker, keyrin
         w.stop()
 
 
+@pytest.mark.device
 def test_broker_restart_mid_transfer(tmp_path, broker, keyring, signing_key, fleet_bundles):
     publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, device="pi-r")
     broker.stop()  # retained messages are persisted by mosquitto
@@ -140,6 +144,7 @@ def test_embedded_broker_carries_an_update(tmp_path, keyring, signing_key, fleet
         eb.stop()
 
 
+@pytest.mark.device
 def test_bundle_from_http_url(tmp_path, broker, keyring, signing_key, fleet_bundles):
     """The desired state may point at object storage: the agent downloads over HTTP and verifies the hash."""
     import functools

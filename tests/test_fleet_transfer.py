@@ -7,12 +7,15 @@ import hashlib
 import json
 import time
 
+import pytest
+
 from agent.fleet.mqtt import Broker, make_client
 from agent.fleet.protocol import bundle_topic, chunk_index, delta_topic
+from conftest import DEVICE_ARCH
 from fleethelp import Watcher, agent_process, needs_mosquitto, start_agent
 from toolkit.fleet.publish import Publisher, base_content, publish
 
-pytestmark = needs_mosquitto
+pytestmark = [needs_mosquitto, pytest.mark.device]
 
 
 def _raw(broker, name):
@@ -244,7 +247,7 @@ def test_agent_that_dies_in_every_install_gives_up(tmp_path, broker, settings, s
     from agent.cli import cli as agent_cli
 
     res = CliRunner().invoke(agent_cli, ["status", "--state-dir", str(tmp_path / "pi-g"), "--keyring",
-                                         str(settings.keyring_path), "--arch", "aarch64"])
+                                         str(settings.keyring_path), "--arch", DEVICE_ARCH])
     doc = json.loads(res.output.strip().splitlines()[-1])
     assert doc["version"] == 1 and doc["fleet"]["desired"]["version"] == 1
     assert doc["fleet"]["installed_sha256"] == _h.sha256(fleet_bundles["v1"].read_bytes()).hexdigest()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,13 +12,15 @@ import pytest
 
 from agent.serve.http import make_server, serve_in_thread
 from agent.serve.service import Agent
-from conftest import ROOT
+from conftest import DEVICE_ARCH, PYTHON, ROOT, device_bundle
+
+pytestmark = pytest.mark.device
 
 
 @pytest.fixture(scope="module")
 def served(digits_build, keyring, tmp_path_factory):
-    bundle = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
-    agent = Agent(tmp_path_factory.mktemp("agent") / "state", keyring, "aarch64")
+    bundle = device_bundle(digits_build)
+    agent = Agent(tmp_path_factory.mktemp("agent") / "state", keyring, DEVICE_ARCH)
     agent.start()
     server = make_server(agent, "127.0.0.1", 0, max_body_bytes=200_000)
     serve_in_thread(server)
@@ -127,11 +128,11 @@ def test_metrics_prometheus(served):
 
 def test_run_service_subprocess(digits_build, settings, tmp_path):
     """`edgeship-agent run` as a process: installs at start-up and answers over HTTP."""
-    bundle = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    bundle = device_bundle(digits_build)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'[agent]\nstate_dir = "{tmp_path / "state"}"\nkeyring = "{settings.keyring_path}"\n'
-                   f'arch = "aarch64"\ndevice_id = "pi-test"\n[http]\nport = 0\n')
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg),
+                   f'arch = "{DEVICE_ARCH}"\ndevice_id = "pi-test"\n[http]\nport = 0\n')
+    proc = subprocess.Popen([*PYTHON, "-m", "agent.cli", "run", "--config", str(cfg),
                              "--install", str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=ROOT)
     try:

@@ -16,7 +16,8 @@ def _modules(code: str) -> set[str]:
 
 def test_import_agent_is_light():
     mods = _modules("import agent, agent.bundle, agent.keys, agent.manifest, agent.runtime, agent.golden, "
-                    "agent.install, agent.serve.service, agent.serve.http, agent.config, agent.cli")
+                    "agent.install, agent.serve.service, agent.serve.http, agent.config, agent.cli, agent.device, "
+                    "agent.doctor")
     assert not mods & set(HEAVY), mods & set(HEAVY)
 
 

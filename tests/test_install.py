@@ -18,7 +18,9 @@ from agent.bundle import write_bundle
 from agent.keys import Keyring
 from agent.serve.service import Agent
 from agentproc import AgentProcess, agent_cmd, run_cli
-from conftest import ROOT
+from conftest import DEVICE_ARCH, DEVICE_PROFILE, ROOT, device_bundle
+
+pytestmark = pytest.mark.device
 
 
 def rebundle(src: Path, dst: Path, key, **changes) -> Path:
@@ -50,7 +52,7 @@ def rewrite_outputs(golden: bytes, fn) -> bytes:
 @pytest.fixture(scope="module")
 def bundles(digits_build, signing_key, tmp_path_factory):
     d = tmp_path_factory.mktemp("bundles")
-    v1 = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    v1 = device_bundle(digits_build)
     return {"v1": v1, "v2": rebundle(v1, d / "v2.bundle", signing_key, version=2),
             "v3": rebundle(v1, d / "v3.bundle", signing_key, version=3), "dir": d}
 
@@ -61,7 +63,7 @@ def keyring_dir(settings, signing_key):
 
 
 def make_agent(tmp_path, keyring, **kw) -> Agent:
-    a = Agent(tmp_path / "state", keyring, "aarch64", **kw)
+    a = Agent(tmp_path / "state", keyring, DEVICE_ARCH, **kw)
     a.start()
     return a
 
@@ -70,7 +72,7 @@ X = np.random.default_rng(0).random((3, 8, 8, 1), np.float32)
 
 
 def serving_version(state: Path, keyring: Keyring) -> int:
-    a = Agent(state, keyring, "aarch64")
+    a = Agent(state, keyring, DEVICE_ARCH)
     a.start()
     assert a.current is not None, "agent came back serving nothing"
     assert a.predict(X)["probs"].shape == (3, 10)
@@ -100,7 +102,7 @@ def test_killed_in_state(tmp_path, keyring, keyring_dir, bundles, state, expect)
     faults = f"{state}=crash" + (",VerifyModel=error" if state in ("Rollback", "Failure") else "")
     for _ in range(3):
         proc = subprocess.run(agent_cmd("install", bundles["v2"], "--state-dir", st, "--keyring", keyring_dir,
-                                        "--arch", "aarch64", faults=faults),
+                                        "--arch", DEVICE_ARCH, faults=faults),
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == -9, proc.stderr[-2000:]
         assert json.loads((st / "state.json").read_text())["update"]["state"] == state
@@ -208,7 +210,8 @@ def _refusal_cases(bundles, key, tmp):
     cases["unknown key"] = (rebundle(v2, tmp / "unknown.bundle", unknown), "does not trust")
     forged = SimpleNamespace(sign=other.sign, key_id=key.key_id)
     cases["bad signature"] = (rebundle(v2, tmp / "forged.bundle", forged), "signature does not match")
-    cases["wrong arch"] = (rebundle(v2, tmp / "arch.bundle", key, arch="armv7l"), "built for armv7l")
+    other = "x86_64" if DEVICE_ARCH != "x86_64" else "armv7l"
+    cases["wrong arch"] = (rebundle(v2, tmp / "arch.bundle", key, arch=other), f"built for {other}")
     cases["downgrade"] = (rebundle(v2, tmp / "old.bundle", key, version=1, name="digits"),
                           "older than .* installed before \\(anti-rollback\\)|same version")
     cases["model fails to load"] = (rebundle(v2, tmp / "garbage.bundle", key, version=4,
@@ -282,23 +285,23 @@ def test_hot_swap_has_zero_failed_requests(tmp_path, keyring, bundles):
 
 def test_refused_what_the_device_does_not_have(tmp_path, keyring, bundles, signing_key):
     """The manifest's profile, runtime (name and min_version), NumPy constraint and delegate are checked
-    against what is really installed here (LiteRT 2.3, NumPy 2, no tflite-runtime, no libedgetpu)."""
-    import importlib.metadata
-
+    against what is really installed here (no libedgetpu anywhere; no runtime module named no_such_module)."""
     from agent.bundle import Limits, inspect_bundle
+    from agent.device import runtime
 
-    a = Agent(tmp_path / "state", keyring, "aarch64", profile="rpi4-arm64")
+    a = Agent(tmp_path / "state", keyring, DEVICE_ARCH, profile=DEVICE_PROFILE)
     a.start()
     assert a.install(bundles["v1"]).ok
     rt = inspect_bundle(bundles["v1"])[0]["runtime"]
-    litert = importlib.metadata.version("ai-edge-litert")
+    have = runtime(rt["name"]).version
+    other = "rpi5-arm64" if DEVICE_PROFILE != "rpi5-arm64" else "rpi4-arm64"
     cases = {
-        "profile": ({"profile": "rpi5-arm64"}, "built for profile 'rpi5-arm64'; this device is configured as "
-                                               "'rpi4-arm64'"),
-        "runtime": ({"runtime": {**rt, "name": "tflite-runtime", "min_version": "2.14.0"}},
-                    r"needs tflite-runtime >= 2.14.0, which is not installed on this device; pip install tflite-runtime"),
-        "min_version": ({"runtime": {**rt, "min_version": "99.0"}}, rf"needs litert >= 99.0; this device has {litert}"),
-        "numpy": ({"runtime": {**rt, "numpy": "<2"}}, rf"needs numpy <2 \(runtime.numpy\); this device has {np.__version__}"),
+        "profile": ({"profile": other}, f"built for profile '{other}'; this device is configured as "
+                                        f"'{DEVICE_PROFILE}'"),
+        "min_version": ({"runtime": {**rt, "min_version": "99.0"}},
+                        rf"needs {rt['name']} 99.0 or newer; this device has {have}"),
+        "numpy": ({"runtime": {**rt, "numpy": f"<{np.__version__}"}},
+                  rf"needs numpy <{np.__version__} \(runtime.numpy\); this device has numpy {np.__version__}"),
         "delegate": ({"runtime": {**rt, "delegate": "edgetpu"}}, r"needs the edgetpu delegate, but libedgetpu.so.1 cannot"),
     }
     for name, (change, match) in cases.items():
@@ -307,9 +310,15 @@ def test_refused_what_the_device_does_not_have(tmp_path, keyring, bundles, signi
         assert re.search(match, r.reason), (name, r.reason)
         assert a.current.manifest.version == 1
     ok = rebundle(bundles["v1"], tmp_path / "ok.bundle", signing_key, version=2,
-                  runtime={**rt, "min_version": litert, "numpy": ">=1.24,<99", "delegate": "xnnpack"})
+                  runtime={**rt, "min_version": have, "numpy": ">=1.20,<99", "delegate": "xnnpack"})
     assert a.install(ok).status == "installed"
-    small = Agent(tmp_path / "state", keyring, "aarch64", limits=Limits(max_file_bytes=1000))
+    import agent.runtime as rt_mod
+
+    with pytest.MonkeyPatch.context() as mp:  # the runtime the bundle needs is not installed
+        mp.setattr(rt_mod, "TFLITE_RUNTIMES", (("litert", "no_such_module_xyz", "pip install ai-edge-litert"),))
+        r = a.install(rebundle(bundles["v1"], tmp_path / "rt.bundle", signing_key, version=2))
+        assert r.status == "refused" and "which is not installed" in r.reason and "pip install" in r.reason, r.reason
+    small = Agent(tmp_path / "state", keyring, DEVICE_ARCH, limits=Limits(max_file_bytes=1000))
     small.start()
     r = small.install(bundles["v3"])
     assert r.status == "refused" and "exceeds the size limit" in r.reason
@@ -320,7 +329,7 @@ def test_edgeship_agent_run_stays_light(tmp_path, digits_build, settings):
     """The modules a running agent (`edgeship-agent run`, serving HTTP) pulls in: no TensorFlow."""
     from conftest import run_py
 
-    bundle = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    bundle = device_bundle(digits_build)
     code = f'''
 import sys, threading, time, json, http.client
 from click.testing import CliRunner
@@ -342,8 +351,8 @@ assert started and started[0].current is not None, res and (res[0].output, res[0
 import os  # CliRunner swapped sys.stdout for the running command: write to fd 1
 os.write(1, (json.dumps(sorted({{m.split(".")[0] for m in sys.modules}})) + "\\n").encode())
 '''
-    mods = set(json.loads(run_py(code, EDGESHIP_AGENT_ARCH="aarch64").strip().splitlines()[-1]))
-    assert "ai_edge_litert" in mods
+    mods = set(json.loads(run_py(code, EDGESHIP_AGENT_ARCH=DEVICE_ARCH).strip().splitlines()[-1]))
+    assert mods & {"ai_edge_litert", "tflite_runtime"}
     assert not mods & {"tensorflow", "tf_keras", "tf2onnx", "toolkit", "keras", "onnx"}
 
 

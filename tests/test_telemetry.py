@@ -13,6 +13,7 @@ import pytest
 from agent.fleet.mqtt import Broker, make_client
 from agent.fleet.reporter import TelemetryConfig
 from agent.serve.service import Agent
+from conftest import DEVICE_ARCH
 from fleethelp import Watcher, needs_mosquitto, start_agent
 from toolkit.fleet.collector import Collector, open_db
 from toolkit.fleet.publish import publish
@@ -50,6 +51,7 @@ def _wait(pred, timeout=60.0):
     return False
 
 
+@pytest.mark.device
 def test_outage_loses_nothing_and_the_drop_count_is_exact(tmp_path, broker, keyring, signing_key, fleet_bundles,
                                                            digits_val):
     db = tmp_path / "fleet.db"
@@ -156,8 +158,9 @@ def test_collector_survives_malformed_telemetry_and_status_and_report(tmp_path, 
         col.stop()
 
 
+@pytest.mark.device
 def test_drift_flag_on_shifted_inputs_only(tmp_path, keyring, fleet_bundles, digits_val):
-    a = Agent(tmp_path / "d", keyring, "aarch64")
+    a = Agent(tmp_path / "d", keyring, DEVICE_ARCH)
     assert a.install(fleet_bundles["v1"]).ok
     a.drift_every = 1
     for i in range(0, 300, 10):
@@ -219,6 +222,7 @@ def test_shared_subscription_splits_telemetry_between_collectors(tmp_path, broke
     assert seqs[0] and seqs[1]  # both did part of the work
 
 
+@pytest.mark.device
 def test_cpu_temperature_from_sysfs_layout(tmp_path):
     """Raspberry Pi OS exposes millidegrees in /sys/class/thermal/thermal_zone*/temp; no zones -> None."""
     from agent.fleet.telemetry import cpu_temperature

@@ -97,13 +97,17 @@ class _Progress:
 @click.option("--no-selective", is_flag=True, help="Do not try to repair a failing int8 model.")
 @click.option("--keep-variants", is_flag=True, help="Keep every variant file in OUT/variants-NAME/.")
 @click.option("--variant", help="Pin the bundled variant (e.g. int8) instead of choosing by objective.")
+@click.option("--min-reference-accuracy", type=click.FloatRange(0, 1),
+              help="With labels: fail the gate when the fp32 reference accuracy is below this "
+                   "[default: chance, 1/classes].")
 @click.option("--quick", is_flag=True, help="Short latency runs (smoke tests; numbers are rough).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 @click.pass_obj
 def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path, calibration: Path | None,
           train: Path | None, name: str | None, version: int | None, meta: Path | None, out: Path,
           key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool,
-          keep_variants: bool, variant: str | None, quick: bool, as_json: bool) -> None:
+          keep_variants: bool, variant: str | None, min_reference_accuracy: float | None, quick: bool,
+          as_json: bool) -> None:
     """Convert MODEL for each device profile, validate every variant and write signed bundles."""
     from toolkit.build.pipeline import BuildOptions, build as run_build, write_summary
     from toolkit.errors import BuildFailed
@@ -130,7 +134,7 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
                         train=train, name=name, version=version, meta=meta_doc, out_dir=out,
                         key=signing, registry=registry, prune=prune, qat=qat, epochs=epochs,
                         latency=latency, runtime_pythons=s.runtime_pythons(), selective=not no_selective,
-                        variant=variant, keep_variants=out / f"variants-{name or model.stem}"
+                        variant=variant, min_reference_accuracy=min_reference_accuracy, keep_variants=out / f"variants-{name or model.stem}"
                         if keep_variants else None)
     failed: BuildFailed | None = None
     try:
@@ -141,8 +145,8 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
         progress.done()
         registry.close()
     out.mkdir(parents=True, exist_ok=True)
-    summary = out / f"{result.name}-v{result.version}.json"
-    report = out / f"{result.name}-v{result.version}.html"
+    summary = out / f"{result.file_stem()}.json"
+    report = out / f"{result.file_stem()}.html"
     write_summary(result, summary)
     write_report(result, report)
     if as_json:

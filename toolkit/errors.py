@@ -23,6 +23,10 @@ class ConversionError(ToolkitError):
     """A variant could not be produced (converter failure, quantization impossible, bad ops)."""
 
 
+class FineTuningError(ToolkitError):
+    """Pruning or quantization-aware training did not reach what was asked."""
+
+
 class ValidationError(ToolkitError):
     """No variant passed the validation gate; carries the table of reasons."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.manifest import ARCHES, RUNTIME_FORMATS
+from agent.manifest import ARCHES, RUNTIME_FORMATS, no_wheels
 from toolkit.errors import ProfileError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
@@ -21,9 +21,6 @@ PRECISIONS = {
     "tflite": ("fp32", "fp16", "dynamic-int8", "int8", "int16x8"),
     "onnx": ("fp32", "fp16", "dynamic-int8", "int8"),
 }
-# Where a runtime's wheels exist (PyPI, Nov 2026). tflite-runtime 2.14.0 is its last release.
-RUNTIME_ARCHES = {"litert": {"aarch64", "x86_64"}, "onnxruntime": {"aarch64", "x86_64"},
-                  "tflite-runtime": {"aarch64", "armv7l", "x86_64"}}
 TFLITE_RUNTIME_LAST = (2, 14, 0)
 
 
@@ -119,9 +116,8 @@ def load_profile_file(path: Path) -> Profile:
     runtime = r.choice("runtime.name", tuple(RUNTIME_FORMATS))
     version = r.get("runtime.version", str)
     fmt = RUNTIME_FORMATS[runtime]
-    if arch not in RUNTIME_ARCHES[runtime]:
-        raise ProfileError(f"{path}: runtime.name: {runtime} has no wheels for {arch}; "
-                           f"on 32-bit ARM use tflite-runtime 2.14 (with numpy<2)")
+    if why := no_wheels(runtime, arch):
+        raise ProfileError(f"{path}: runtime.name: {why}")
     vt = _version_tuple(version, path)
     if runtime == "tflite-runtime" and vt > TFLITE_RUNTIME_LAST:
         raise ProfileError(f"{path}: runtime.version: tflite-runtime {version} does not exist "

@@ -26,6 +26,7 @@ class Dataset:
     sha256: str
     inputs: list[np.ndarray]  # in model input order, float32
     labels: np.ndarray | None
+    role: str = "validation"
 
     @property
     def size(self) -> int:
@@ -39,12 +40,20 @@ def load_dataset(path: str | Path, specs: list[IOSpec], role: str) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{role} data {path}: file not found")
+    names = [s.name for s in specs]
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{role} data {path}: not a readable .npz file ({exc})") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one bare array, no names, no labels
+        raise InputError(f"{role} data {path}: a .npy file holds one unnamed array; give an .npz with one "
+                         f"array per model input named {names} (or x) and optional labels y, e.g. "
+                         f"numpy.savez(\"{path.stem}.npz\", x=inputs, y=labels)")
+    try:
+        with loaded as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(f"{role} data {path}: not a readable .npz file ({exc})") from exc
-    names = [s.name for s in specs]
     if all(n in arrays for n in names):
         keys = names
     elif len(specs) == 1 and "x" in arrays:
@@ -76,4 +85,17 @@ def load_dataset(path: str | Path, specs: list[IOSpec], role: str) -> Dataset:
             raise InputError(f"{role} data {path}: labels 'y' must be integer class ids, one per "
                              f"sample ({inputs[0].shape[0]}); got shape {labels.shape} {labels.dtype}")
         labels = labels.reshape(-1).astype(np.int64)
-    return Dataset(path, hashlib.sha256(path.read_bytes()).hexdigest(), inputs, labels)
+    return Dataset(path, hashlib.sha256(path.read_bytes()).hexdigest(), inputs, labels, role)
+
+
+def check_labels(data: Dataset, classes: int | None, output: str) -> None:
+    """Refuse labels that are not class indices of the model's classifier output (before any work: a
+    gate against labels the model cannot predict would pass every variant at accuracy 0)."""
+    if data.labels is None or classes is None:
+        return
+    lo, hi = int(data.labels.min()), int(data.labels.max())
+    if lo < 0 or hi >= classes:
+        bad = int(np.count_nonzero((data.labels < 0) | (data.labels >= classes)))
+        raise InputError(f"{data.role} data {data.path}: labels y range {lo}..{hi}, but output {output!r} has "
+                         f"{classes} classes (0..{classes - 1}); {bad} of {data.labels.size} labels are outside. "
+                         f"Labels must be class indices of the model's output")

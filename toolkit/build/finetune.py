@@ -11,9 +11,12 @@ from typing import Any
 import numpy as np
 
 from toolkit.build.data import Dataset
-from toolkit.errors import ConversionError, InputError
+from toolkit.errors import ConversionError, FineTuningError, InputError
 from toolkit.build.ingest import SourceModel
 from toolkit.tfenv import import_keras
+
+PRUNE_FREQUENCY = 10  # steps between pruning mask updates
+SPARSITY_TOLERANCE = 0.02  # a pruned model may miss the requested sparsity by this much (rounding per layer)
 
 
 def _check(source: SourceModel, train: Dataset | None, what: str) -> None:
@@ -48,7 +51,7 @@ def prune(source: SourceModel, train: Dataset | None, sparsity: float, epochs: i
     keras = import_keras()
     clone = keras.models.clone_model(source.handle)
     clone.set_weights(source.handle.get_weights())
-    schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=10)
+    schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=PRUNE_FREQUENCY)
     try:
         pruned = tfmot.sparsity.keras.prune_low_magnitude(clone, pruning_schedule=schedule)
     except ValueError as exc:
@@ -57,7 +60,14 @@ def prune(source: SourceModel, train: Dataset | None, sparsity: float, epochs: i
     pruned.fit(_x(train), train.labels, epochs=epochs, batch_size=32, verbose=0,  # type: ignore[union-attr]
                callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
-    return stripped, kernel_sparsity(stripped)
+    reached = kernel_sparsity(stripped)
+    if reached < sparsity - SPARSITY_TOLERANCE:
+        steps = epochs * -(-train.size // 32)  # type: ignore[union-attr]
+        raise FineTuningError(f"--prune {sparsity}: only {reached:.1%} of kernel weights are zero after "
+                              f"{epochs} epoch(s) ({steps} steps; masks update every {PRUNE_FREQUENCY} steps), "
+                              f"below the requested {sparsity:.0%} (tolerance {SPARSITY_TOLERANCE:.0%}): "
+                              f"train longer (--epochs) or with more data (--train)")
+    return stripped, reached
 
 
 def qat(source: SourceModel, train: Dataset | None, epochs: int = 2, base: Any = None) -> Any:

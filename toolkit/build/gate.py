@@ -47,7 +47,7 @@ def _outputs(npz_path: Path, output_names: list[str]) -> list[np.ndarray]:
 
 def evaluate(v: VariantResult, profile: Profile, eval_inputs: Path, reference: list[np.ndarray],
              labels: np.ndarray | None, output_names: list[str], bench_inputs: Path,
-             cfg: LatencyConfig, runtime_python: str | None) -> VariantResult:
+             cfg: LatencyConfig, runtime_python: str | None, min_reference: float | None = None) -> VariantResult:
     """Run the variant in a separate runtime process (a crashing model cannot take the build down):
     outputs on the validation inputs, then the benchmark; then apply the gate."""
     assert v.file is not None
@@ -68,13 +68,29 @@ def evaluate(v: VariantResult, profile: Profile, eval_inputs: Path, reference: l
     if runtime_python:
         v.notes.append(f"loaded and measured in {lat.get('runtime')} {lat.get('runtime_version')} "
                        f"(numpy {lat.get('numpy')})")
-    return gate(v, profile, cfg)
+    return gate(v, profile, cfg, min_reference)
 
 
-def gate(v: VariantResult, profile: Profile, cfg: LatencyConfig) -> VariantResult:
+def reference_failure(m: dict[str, Any], floor: float | None = None) -> str | None:
+    """With labels, every variant is judged by its drop from the fp32 reference; a reference that does not
+    reach chance (1/classes) or ``floor`` on these labels means the labels do not fit the model (wrong
+    order, wrong file), and a 0.0-point drop from an accuracy of 0 would pass anything."""
+    ref = m.get("reference_accuracy")
+    if ref is None or not m.get("classes"):
+        return None
+    limit, what = (floor, "--min-reference-accuracy") if floor is not None else \
+        (1.0 / m["classes"], f"chance for {m['classes']} classes")
+    if ref < limit:
+        return f"fp32 reference accuracy {ref:.4f} < {limit:.4f} ({what}): do the labels fit the model?"
+    return None
+
+
+def gate(v: VariantResult, profile: Profile, cfg: LatencyConfig, min_reference: float | None = None) -> VariantResult:
     m, lat = v.metrics, v.latency
     if not m.get("finite", True) or not lat.get("finite", True):
         v.reasons.append("outputs contain NaN/Inf")
+    if why := reference_failure(m, min_reference):
+        v.reasons.append(why)
     if "accuracy_drop_points" in m:
         if m["accuracy_drop_points"] > profile.max_accuracy_drop:
             v.reasons.append(f"accuracy drop {m['accuracy_drop_points']:.2f} pts > "

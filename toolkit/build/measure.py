@@ -52,6 +52,7 @@ def compare(outputs: list[np.ndarray], reference: list[np.ndarray],
     if classification:
         pred, rpred = out.reshape(ref.shape).argmax(1), ref.argmax(1)
         m["top1_agreement"] = float(np.mean(pred == rpred))
+        m["classes"] = int(ref.shape[1])
         if labels is not None:
             m["reference_accuracy"] = float(np.mean(rpred == labels))
             m["accuracy"] = float(np.mean(pred == labels))

@@ -11,16 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from agent.manifest import FORMATS
+from agent.manifest import FORMATS, no_wheels
 from agent.store import atomic_write
 from toolkit.build import edgetpu, selective
-from toolkit.build.data import Dataset, load_dataset
+from toolkit.build.data import Dataset, check_labels, load_dataset
 from toolkit.errors import BuildFailed, ConversionError, InputError
 from toolkit.build.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
 from toolkit.build.ingest import load_source
@@ -55,6 +56,7 @@ class BuildOptions:
     golden_count: int = 8
     selective: bool = True
     variant: str | None = None  # pin the chosen precision (must pass the gate)
+    min_reference_accuracy: float | None = None  # labelled gate: fp32 floor (default: chance, 1/classes)
     keep_variants: Path | None = None  # keep every variant file in this folder
 
 
@@ -78,9 +80,20 @@ class ProfileResult:
 @dataclass
 class BuildResult:
     name: str
-    version: int
+    version: int | None  # None: no bundle was written, so no version was registered
     profiles: list[ProfileResult]
     notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def label(self) -> str:
+        return f"v{self.version}" if self.version else "failed build (no version registered)"
+
+    def file_stem(self) -> str:
+        """Summary/report file name: NAME-vN, or NAME-failed-TIME when no version was registered."""
+        if self.version:
+            return f"{self.name}-v{self.version}"
+        return f"{self.name}-failed-{time.strftime('%Y%m%d-%H%M%S', time.localtime(self.started))}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "notes": self.notes,
@@ -104,11 +117,18 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
         calib = val
         notes.append("no --calibration given: calibrating int8 variants on the validation data")
     train = load_dataset(opts.train, source.inputs, "training") if opts.train else None
-    version = opts.version or (opts.registry.next_version(name) if opts.registry else 1)
-    if version < 1:
-        raise InputError(f"--version {version}: versions start at 1")
+    if opts.version is not None and opts.version < 1:
+        raise InputError(f"--version {opts.version}: versions start at 1")
+    for profile in opts.profiles if opts.version and opts.registry else ():
+        if why := opts.registry.taken(name, opts.version, profile.name):  # type: ignore[union-attr]
+            raise InputError(f"--version {opts.version}: {why}")
+    version: int | None = None  # registered with the first bundle written (a failed build takes none)
     progress("computing fp32 reference outputs")
     reference = source.predict(val.inputs)
+    classes = reference[0].shape[1] if reference[0].ndim == 2 and reference[0].shape[1] > 1 else None
+    for data in (val, train):
+        if data is not None:
+            check_labels(data, classes, source.outputs[0].name)
     keras_model = qat_model = None
     if opts.prune:
         from toolkit.build import finetune
@@ -145,19 +165,27 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
             pr = ctx.run(factory)
             if pr.chosen is not None:
                 progress(f"[{profile.name}] signing bundle ({pr.chosen.precision})")
+                version = _reserve(opts, name, version, profile.name)
                 out = opts.out_dir / f"{name}-v{version}-{profile.name}.bundle"
-                model_bytes, extra = edgetpu.maybe_compile(pr.chosen, profile, work)
-                pr.notes += extra
-                write(out, name=name, version=version, profile=profile, variant=pr.chosen, key=opts.key,
-                      val_inputs=val.inputs, stats=stats, meta=opts.meta, provenance=provenance,
-                      golden_count=opts.golden_count, model_bytes=model_bytes)
-                pr.bundle = out
-                pr.bundle_sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
-                if opts.registry:
-                    opts.registry.record(model=name, version=version, profile=profile.name,
-                                         variant=pr.chosen.precision, fmt=profile.format,
-                                         size_bytes=pr.chosen.size_bytes, bundle_path=str(out.resolve()),
-                                         bundle_sha256=pr.bundle_sha256, metrics=pr.to_dict())
+                try:
+                    model_bytes, extra = edgetpu.maybe_compile(pr.chosen, profile, work)
+                    pr.notes += extra
+                    write(out, name=name, version=version, profile=profile, variant=pr.chosen, key=opts.key,
+                          val_inputs=val.inputs, stats=stats, meta=opts.meta, provenance=provenance,
+                          golden_count=opts.golden_count, model_bytes=model_bytes)
+                    pr.bundle = out
+                    pr.bundle_sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
+                    if opts.registry:
+                        opts.registry.record(model=name, version=version, profile=profile.name,
+                                             variant=pr.chosen.precision, fmt=profile.format,
+                                             size_bytes=pr.chosen.size_bytes, bundle_path=str(out.resolve()),
+                                             bundle_sha256=pr.bundle_sha256, metrics=pr.to_dict())
+                except BaseException:
+                    pr.bundle = None
+                    out.unlink(missing_ok=True)  # no file may claim a version that was not registered
+                    if opts.registry:
+                        opts.registry.release(name, version, profile.name)
+                    raise
             results.append(pr)
     result = BuildResult(name, version, results, notes)
     failed = [p.profile.name for p in results if p.chosen is None]
@@ -166,12 +194,21 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
     return result
 
 
+def _reserve(opts: BuildOptions, name: str, version: int | None, profile: str) -> int:
+    """The build's version for this profile's bundle: reserved in the registry (explicit, the one the
+    build already has, or the next free one) right before the bundle is written."""
+    if opts.registry is None:
+        return version or opts.version or 1
+    return opts.registry.reserve(name, profile, version or opts.version)
+
+
 def check_supported(source: Any, profile: Profile) -> None:
     """Refuse source/profile pairs edgeship cannot convert, before any work is done."""
     if source.kind == "onnx" and profile.format == "tflite":
+        no_onnx = no_wheels("onnxruntime", profile.arch)
         raise ConversionError(f"{source.path}: an ONNX model cannot be converted to TFLite for "
-                              f"{profile.name}; give the Keras or SavedModel original, or target an "
-                              f"onnxruntime profile")
+                              f"{profile.name}; give the Keras or SavedModel original"
+                              + (f" ({no_onnx})" if no_onnx else ", or target an onnxruntime profile"))
     if source.kind == "tflite" and profile.format != "tflite":
         raise ConversionError(f"{source.path}: a .tflite model can only be bundled for TFLite profiles, "
                               f"not {profile.name} ({profile.runtime})")
@@ -232,7 +269,7 @@ class _Ctx:
     def _evaluate(self, v: VariantResult) -> VariantResult:
         return evaluate(v, self.profile, self.eval_inputs, self.reference, self.val.labels,
                         [s.name for s in self.source.outputs], self.bench_inputs, self.opts.latency,
-                        self.runtime_python)
+                        self.runtime_python, self.opts.min_reference_accuracy)
 
     def _repair(self, int8: VariantResult) -> VariantResult:
         p = self.profile

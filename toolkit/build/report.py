@@ -35,7 +35,7 @@ def _plots(result: "BuildResult") -> str:
         ax.set_title(title)
         ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7, ha="right")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{result.name} v{result.version}: chosen (teal), passed (green), failed (red)")
+    fig.suptitle(f"{result.name} {result.label}: chosen (teal), passed (green), failed (red)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -45,10 +45,10 @@ def _plots(result: "BuildResult") -> str:
 def write_report(result: "BuildResult", path: Path) -> None:
     e = html.escape
     parts = [f"<!doctype html><meta charset='utf-8'><title>edgeship build {e(result.name)} "
-             f"v{result.version}</title><style>body{{font-family:sans-serif;margin:2em}}"
+             f"{result.label}</title><style>body{{font-family:sans-serif;margin:2em}}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
              ".fail{color:#b00}.chosen{background:#e0f4f1}</style>",
-             f"<h1>{e(result.name)} v{result.version}</h1>"]
+             f"<h1>{e(result.name)} {result.label}</h1>"]
     parts += [f"<p>note: {e(n)}</p>" for n in result.notes]
     for p in result.profiles:
         prof = p.profile

@@ -1,10 +1,10 @@
-"""Agent smoke run for an emulated Raspberry Pi 4 (aarch64 wheels under qemu-user).
+"""Agent smoke run inside an emulated Raspberry Pi userland (aarch64 or armv7l, under qemu-user).
 
 Runs in-process (no subprocess: without binfmt_misc an emulated exec of sys.executable fails):
 install v1 (signature, hashes, LiteRT load, golden set), serve HTTP, infer over v2, rebuild v2 from a
 zstd delta patch against the installed v1 and install it with hot swap, refuse a tampered bundle, roll
 back; telemetry window on the way. Prints one JSON line with what it saw.
-usage: python aarch64_smoke.py STATE_DIR KEYRING V1 V2_PATCH TAMPERED INPUT_NPY  (V2_PATCH.json: its meta)
+usage: python emulated_smoke.py STATE_DIR KEYRING V1 V2_PATCH TAMPERED INPUT_NPY  (V2_PATCH.json: its meta)
 """
 
 import http.client
