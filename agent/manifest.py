@@ -22,6 +22,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def valid_name(name: str) -> bool:
+    """A model name a manifest accepts: 1-64 of letters, digits, '.', '_', '-', starting alphanumeric."""
+    return bool(_NAME.match(name))
+
+
 def canonical_json(data: dict[str, Any]) -> bytes:
     """The signed byte form of a manifest: sorted keys, no spaces, UTF-8."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
