@@ -96,14 +96,19 @@ class _Progress:
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--no-selective", is_flag=True, help="Do not try to repair a failing int8 model.")
 @click.option("--keep-variants", is_flag=True, help="Keep every variant file in OUT/variants-NAME/.")
-@click.option("--variant", help="Pin the bundled variant (e.g. int8) instead of choosing by objective.")
+@click.option("--variant", help="Pin the bundled variant (e.g. int8, or onnxruntime/int8 on a profile with "
+              "several runtimes) instead of choosing by objective.")
+@click.option("--unsafe-deserialization", is_flag=True,
+              help="Allow Keras Lambda layers: loading runs Python code stored in the model file. Only for "
+              "files you trust.")
 @click.option("--quick", is_flag=True, help="Short latency runs (smoke tests; numbers are rough).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 @click.pass_obj
 def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path, calibration: Path | None,
           train: Path | None, name: str | None, version: int | None, meta: Path | None, out: Path,
           key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool,
-          keep_variants: bool, variant: str | None, quick: bool, as_json: bool) -> None:
+          keep_variants: bool, variant: str | None, unsafe_deserialization: bool, quick: bool,
+          as_json: bool) -> None:
     """Convert MODEL for each device profile, validate every variant and write signed bundles."""
     from toolkit.build.pipeline import BuildOptions, build as run_build, write_summary
     from toolkit.errors import BuildFailed
@@ -131,7 +136,7 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
                         key=signing, registry=registry, prune=prune, qat=qat, epochs=epochs,
                         latency=latency, runtime_pythons=s.runtime_pythons(), selective=not no_selective,
                         variant=variant, keep_variants=out / f"variants-{name or model.stem}"
-                        if keep_variants else None)
+                        if keep_variants else None, unsafe_deserialization=unsafe_deserialization)
     failed: BuildFailed | None = None
     try:
         result = run_build(opts, progress)
@@ -154,8 +159,10 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
         for p in result.profiles:
             for n in p.notes + [f"{v.precision}: {x}" for v in p.variants for x in v.notes]:
                 click.echo(f"note [{p.profile.name}]: {n}")
-            if p.bundle:
-                click.echo(f"bundle [{p.profile.name}]: {p.bundle} ({p.chosen.precision if p.chosen else ''})")
+            if p.bundle and p.chosen:
+                click.echo(f"bundle [{p.profile.name}]: {p.bundle} ({p.chosen.runtime} {p.chosen.precision})")
+            else:
+                click.echo(f"no bundle [{p.profile.name}]: {p.verdict}")
         click.echo(f"summary: {summary}\nreport:  {report}")
     if failed:
         raise failed
@@ -178,8 +185,8 @@ def profiles_list(s: Settings, as_json: bool) -> None:
     if as_json:
         return _emit([p.summary() for p in profs])
     for p in profs:
-        click.echo(f"{p.name:<18} {p.arch:<8} {p.runtime} {p.runtime_version:<8} "
-                   f"{','.join(p.precisions):<30} {p.description}")
+        runtimes = " + ".join(f"{r.name} {r.version}" for r in p.runtimes)
+        click.echo(f"{p.name:<18} {p.arch:<8} {runtimes:<36} {','.join(p.precisions):<28} {p.description}")
 
 
 @profiles.command("show")
