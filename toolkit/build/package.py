@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import platform
 import zipfile
 from importlib import metadata
@@ -128,7 +129,7 @@ def write(out: Path, *, name: str, version: int, profile: Profile, variant: Vari
     """``profile`` is the one-runtime view the variant was built for; ``val_inputs`` are in the
     source model's input order (``input_names``)."""
     assert variant.file is not None
-    model = load_model(variant.file, threads=profile.threads)
+    model = load_model(variant.file, threads=min(profile.threads, os.cpu_count() or 1))
     feed = model_feed(model, input_names, val_inputs)
     one = model.predict(_head(feed, 1))
     per_sample = sum(a[:1].nbytes for a in val_inputs) + sum(o.nbytes for o in one.values())

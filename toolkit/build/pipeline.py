@@ -76,7 +76,10 @@ class ProfileResult:
     def verdict(self) -> str:
         if self.bundle:
             return "bundle"
-        return self.refused or "no variant passed the validation gate"
+        if self.refused:
+            return self.refused
+        why = "; ".join(f"{v.runtime}/{v.precision}: {v.reasons[0]}" for v in self.variants if v.reasons)
+        return "no variant passed the validation gate" + (f" ({why})" if why else "")
 
     def to_dict(self) -> dict[str, Any]:
         rt = next((r for r in self.profile.runtimes if self.chosen and r.name == self.chosen.runtime),
