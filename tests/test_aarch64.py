@@ -44,7 +44,8 @@ def test_agent_smoke_on_emulated_raspberry_pi(digits_build, digits, signing_key,
                            str(tmp_path / "x.npy")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["machine"] == "aarch64" and out["runtime"] == "litert"
+    rpi4 = next(p for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    assert out["machine"] == "aarch64" and out["runtime"] == rpi4.chosen.runtime  # LiteRT or ONNX Runtime
     assert out["install_v1"] == ["Verify", "Stage", "VerifyModel", "Commit", "Cleanup"]
     assert out["infer_status"] == 200 and sum(a == b for a, b in zip(out["infer_top1"], y)) >= 5
     assert out["delta_applied"] is True and out["install_v2"] == "installed" and out["serving_after_v2"] == 2

@@ -203,22 +203,10 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                 ctx.run(factory, pr)
             _choose(pr, opts.variant)
             if pr.chosen is not None:
-                view = profile.only(next(r for r in usable if r.name == pr.chosen.runtime))
                 progress(f"[{profile.name}] signing bundle ({pr.chosen.runtime} {pr.chosen.precision})")
-                out = out_dir / f"{name}-v{version}-{profile.name}.bundle"
-                model_bytes, extra = edgetpu.maybe_compile(pr.chosen, view, work)
-                pr.notes += extra
-                write(out, name=name, version=version, profile=view, variant=pr.chosen, key=opts.key,
-                      input_names=[s.name for s in source.inputs], val_inputs=val.inputs, stats=stats,
-                      meta=opts.meta, provenance=provenance, golden_count=opts.golden_count,
-                      model_bytes=model_bytes)
-                pr.bundle = out
-                pr.bundle_sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
-                if opts.registry:
-                    opts.registry.record(model=name, version=version, profile=profile.name,
-                                         variant=pr.chosen.precision, fmt=view.format,
-                                         size_bytes=pr.chosen.size_bytes, bundle_path=str(out),
-                                         bundle_sha256=pr.bundle_sha256, metrics=pr.to_dict())
+                _bundle(pr, opts, out_dir / f"{name}-v{version}-{profile.name}.bundle", work, name=name,
+                        version=version, input_names=[s.name for s in source.inputs], val_inputs=val.inputs,
+                        stats=stats, provenance=provenance)
             results.append(pr)
     result = BuildResult(name, version, results, notes)
     failed = [p for p in results if p.bundle is None]
@@ -229,6 +217,23 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                           + (f"; bundles written for: {', '.join(written)}" if written else ""),
                           partial=bool(written))
     return result
+
+
+def _bundle(pr: ProfileResult, opts: BuildOptions, out: Path, work: Path, *, name: str, version: int,
+            **package: Any) -> None:
+    """Sign the chosen variant into ``out`` for the runtime it was built for, and record it."""
+    assert pr.chosen is not None
+    view = pr.profile.only(next(r for r in pr.profile.runtimes if r.name == pr.chosen.runtime))
+    model_bytes, extra = edgetpu.maybe_compile(pr.chosen, view, work)
+    pr.notes += extra
+    write(out, name=name, version=version, profile=view, variant=pr.chosen, key=opts.key, meta=opts.meta,
+          golden_count=opts.golden_count, model_bytes=model_bytes, **package)
+    pr.bundle = out
+    pr.bundle_sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
+    if opts.registry:
+        opts.registry.record(model=name, version=version, profile=pr.profile.name, variant=pr.chosen.precision,
+                             fmt=view.format, size_bytes=pr.chosen.size_bytes, bundle_path=str(out),
+                             bundle_sha256=pr.bundle_sha256, metrics=pr.to_dict())
 
 
 def _choose(pr: ProfileResult, pinned: str | None) -> None:
