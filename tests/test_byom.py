@@ -223,3 +223,21 @@ def test_lambda_layers_need_an_explicit_opt_in(lambda_models):
     help_text = subprocess.run([sys.executable, "-m", "toolkit.cli", "build", "--help"], cwd=ROOT,
                                capture_output=True, text=True).stdout
     assert "--unsafe-deserialization" in help_text
+
+
+def test_quantization_debugger_gets_samples_as_lists():
+    """basic-pitch (a SavedModel) crashed the whole build: the QuantizationDebugger behind selective
+    quantization iterated the signature-keyed dict ('str' object has no attribute 'shape')."""
+    from pathlib import Path
+
+    from toolkit.build.ingest import IOSpec, SourceModel
+    from toolkit.build.selective import debug_dataset
+    from toolkit.errors import ConversionError
+
+    one = SourceModel("savedmodel", Path("m"), "", [IOSpec("x", (-1, 2), "float32")], [])
+    feeds = list(debug_dataset(one, [np.zeros((3, 2), np.float32)])())
+    assert len(feeds) == 3 and isinstance(feeds[0], list) and feeds[0][0].shape == (1, 2)
+    two = SourceModel("savedmodel", Path("m"), "", [IOSpec("a", (-1, 2), "float32"),
+                                                     IOSpec("b", (-1, 2), "float32")], [])
+    with pytest.raises(ConversionError, match="SavedModel with several inputs is not supported"):
+        debug_dataset(two, [np.zeros((3, 2), np.float32)] * 2)

@@ -24,7 +24,7 @@ from agent.manifest import FORMATS, valid_name
 from agent.store import atomic_write
 from toolkit.build import edgetpu, selective
 from toolkit.build.data import Dataset, load_dataset
-from toolkit.errors import BuildFailed, InputError
+from toolkit.errors import BuildFailed, ConversionError, InputError
 from toolkit.build.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
 from toolkit.build.ingest import SourceModel, load_source
 from toolkit.build.measure import LatencyConfig
@@ -325,7 +325,11 @@ class _Ctx:
             trials.append(self._evaluate(VariantResult(p.name, v.precision, v.file, runtime=p.runtime)))
             return trials[-1].passed
 
-        found = selective.repair(self.source, self.calib.inputs, accept, keras_model=self.keras_model)
+        try:
+            found = selective.repair(self.source, self.calib.inputs, accept, keras_model=self.keras_model)
+        except ConversionError as exc:
+            v.reasons.append(str(exc))
+            return v
         if found is None:
             v.reasons.append("selective quantization could not recover accuracy with up to half the "
                              "ops in float")
