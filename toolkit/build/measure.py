@@ -115,6 +115,8 @@ def run_worker(model_path: Path, threads: int, inputs_npz: Path | None, cfg: Lat
         how = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"exited {proc.returncode}"
         return {"ok": False, "error": f"runtime process {how}: {(tail or ['no output'])[-1]}"}
     res = json.loads(lines[-1])
+    if res.get("error"):  # runtimes put newlines in their messages; a reason is one line
+        res["error"] = " ".join(str(res["error"]).split())
     if "times_ms" in res:
         res.update(latency_stats(res.pop("times_ms")))
     return res
