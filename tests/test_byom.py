@@ -241,3 +241,37 @@ def test_quantization_debugger_gets_samples_as_lists():
                                                      IOSpec("b", (-1, 2), "float32")], [])
     with pytest.raises(ConversionError, match="SavedModel with several inputs is not supported"):
         debug_dataset(two, [np.zeros((3, 2), np.float32)] * 2)
+
+
+def test_int64_scalar_and_state_through_tflite(make_options, keyring, tmp_path):
+    """The TFLite side of the same shapes (a SavedModel source): every LiteRT variant is built with the
+    int64 scalar left alone, judged, and what the agent serves matches TensorFlow run directly."""
+    from agent.runtime import load_model
+    from agent.serve.service import Agent
+    from tinymodels import vad_savedmodel
+    from toolkit.tfenv import import_tf
+
+    sm = vad_savedmodel(tmp_path / "vad_sm")
+    rng = np.random.default_rng(0)
+    n = 16
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.random((n, 1, 64), dtype=np.float32), state=(rng.random((n, 2, 1, 16)) * 0.1).astype(
+        np.float32), sr=np.full(n, 16000, np.int64))
+    r = build(make_options(tmp_path / "dist", ["rpi3-armv7"], model=sm, validation=data, calibration=data,
+                           meta={}, version=1, keep_variants=tmp_path / "v", variant="fp32"))
+    p = r.profiles[0]
+    lite = {v.precision: v for v in p.variants}
+    assert set(lite) == {"int8", "fp16", "fp32"}
+    for v in lite.values():
+        assert v.metrics, (v.precision, v.reasons)  # built, loaded and judged
+    q = load_model(lite["int8"].file)
+    assert {s.name: s.dtype for s in q.inputs}["sr"] == "int64" and q.layout == "stack"
+    agent = Agent(tmp_path / "state", keyring, "armv7l")
+    assert agent.install(p.bundle).ok
+    x, state = rng.random((1, 64), dtype=np.float32), (rng.random((2, 1, 16)) * 0.1).astype(np.float32)
+    got = agent.predict({"x": x, "state": state, "sr": 16000})
+    tf = import_tf()
+    want = tf.saved_model.load(str(sm)).signatures["serving_default"](
+        x=tf.constant(x), state=tf.constant(state), sr=tf.constant(16000, tf.int64))
+    np.testing.assert_allclose(got["prob"][0], want["prob"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["new_state"][0], want["new_state"].numpy(), rtol=1e-4, atol=1e-5)

@@ -94,3 +94,30 @@ def conv_net(path: Path, opset: int = 11) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def vad_savedmodel(path: Path) -> Path:
+    """The same shapes as ``vad`` as a TensorFlow SavedModel (for the TFLite side): x [B, 64], state
+    [2, B, 16], an int64 scalar sr; outputs prob [B, 1] and new_state [2, B, 16]."""
+    from toolkit.tfenv import import_tf
+
+    tf = import_tf()
+
+    class VAD(tf.Module):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.w = tf.Variable(rng.normal(size=(64, 16)).astype(np.float32) * 0.2)
+            self.u = tf.Variable(rng.normal(size=(16, 16)).astype(np.float32) * 0.2)
+            self.o = tf.Variable(rng.normal(size=(16, 1)).astype(np.float32) * 0.5)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32, name="x"),
+                                      tf.TensorSpec([2, None, 16], tf.float32, name="state"),
+                                      tf.TensorSpec([], tf.int64, name="sr")])
+        def __call__(self, x, state, sr):
+            h = tf.tanh(x @ self.w * (tf.cast(sr, tf.float32) / 16000.0) + state[0] @ self.u)
+            c = tf.tanh(h + state[1])
+            return {"prob": tf.sigmoid(c @ self.o), "new_state": tf.stack([h, c])}
+
+    m = VAD()
+    tf.saved_model.save(m, str(path), signatures=m.__call__)
+    return path
