@@ -1,5 +1,10 @@
 """Replay a bundle's golden set: the model must reproduce the reference outputs within tolerance
-(and produce no NaN/Inf) before an update may go live."""
+(and produce no NaN/Inf) before an update may go live.
+
+The golden arrays follow the sample layout of ``agent.layout``, like every data file: ``in.<name>``
+holds N samples of an input, ``out.<name>`` the outputs the host measured for them. Float outputs must
+match within ``atol + rtol * |expected|``; integer outputs (class ids, token ids) must be equal in at
+least ``INT_AGREEMENT`` of their elements (a near-tie may flip on another CPU)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from agent.runtime import Model
 MAX_GOLDEN_BYTES = 64 << 20
 MAX_GOLDEN_ARRAYS = 64
 MAX_NPY_HEADER = 10_000  # numpy's own default limit for .npy headers
+INT_AGREEMENT = 0.99
 
 
 def load_golden(path: Path, max_bytes: int = MAX_GOLDEN_BYTES) -> dict[str, np.ndarray]:
@@ -64,6 +70,10 @@ def replay(model: Model, manifest: Manifest, folder: Path) -> float:
         raise BundleError(f"{manifest.id}: bundle has no golden set")
     data = load_golden(folder / manifest.golden["path"])
     atol, rtol = float(manifest.golden["atol"]), float(manifest.golden["rtol"])
+    layout = manifest.golden.get("layout", model.layout)
+    if layout != model.layout:
+        raise BundleError(f"{manifest.id}: golden set is laid out as {layout!r} but the model's inputs "
+                          f"call for {model.layout!r} (see docs/bundle.md)")
     try:
         feed = {s.name: data[f"in.{s.name}"] for s in model.inputs}
     except KeyError as exc:
@@ -74,13 +84,22 @@ def replay(model: Model, manifest: Manifest, folder: Path) -> float:
         want = data.get(f"out.{name}")
         if want is None:
             raise BundleError(f"{manifest.id}: golden set lacks output {name!r}")
+        if got.size != want.size:
+            raise ModelError(f"{manifest.id}: output {name!r} has shape {got.shape} on the golden set, "
+                             f"expected {want.shape}")
+        got = got.reshape(want.shape)
+        if got.dtype.kind in "iub" and want.dtype.kind in "iub":
+            agree = float(np.mean(got == want)) if want.size else 1.0
+            if agree < INT_AGREEMENT:
+                raise ModelError(f"{manifest.id}: output {name!r} differs from the golden set "
+                                 f"({agree:.1%} of its values equal, need {INT_AGREEMENT:.0%})")
+            continue
         if not np.isfinite(got).all():
             raise ModelError(f"{manifest.id}: output {name!r} contains NaN/Inf on the golden set")
-        got = got.reshape(want.shape)
-        err = np.abs(got - want)
+        err = np.abs(got.astype(np.float64) - want)
         bad = err > atol + rtol * np.abs(want)
         if bad.any():
             raise ModelError(f"{manifest.id}: output {name!r} differs from the golden set "
                              f"(max |error| {float(err.max()):.4g} > atol {atol:g} + rtol {rtol:g})")
-        worst = max(worst, float(err.max()))
+        worst = max(worst, float(err.max()) if err.size else 0.0)
     return worst

@@ -35,6 +35,11 @@ def no_wheels(runtime: str, arch: str) -> str | None:
     return f"{runtime} has no wheels for {arch}{hint}"
 
 
+def valid_name(name: str) -> bool:
+    """A model name a manifest accepts: 1-64 of letters, digits, '.', '_', '-', starting alphanumeric."""
+    return bool(_NAME.match(name))
+
+
 def canonical_json(data: dict[str, Any]) -> bytes:
     """The signed byte form of a manifest: sorted keys, no spaces, UTF-8."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,

@@ -2,7 +2,9 @@
 
 TFLite models run in LiteRT (``ai_edge_litert``), else ``tflite_runtime``, else ``tensorflow.lite``
 (development hosts only). ONNX models run in ONNX Runtime. Quantized inputs are quantized and
-quantized outputs dequantized with each tensor's scale/zero-point, so callers always speak float32.
+quantized outputs dequantized with each tensor's scale/zero-point, so callers speak float32 for every
+float or quantized tensor; integer and bool tensors (token ids, lengths, a sample rate) keep their dtype.
+N samples are laid out as ``agent.layout`` says (batch-first, or stacked for other models).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from agent.errors import InputError, ModelError, RuntimeMissingError
+from agent.layout import BATCH, describe, join, layout_of, sample_shape, samples
 from agent.manifest import TensorSpec
 
 TFLITE_RUNTIMES = (
@@ -22,7 +25,7 @@ TFLITE_RUNTIMES = (
     ("tflite-runtime", "tflite_runtime.interpreter", "pip install tflite-runtime (32-bit ARM, numpy<2)"),
     ("tensorflow", "tensorflow.lite", "pip install tensorflow (development hosts only)"),
 )
-_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
+ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
                 "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64",
                 "tensor(bool)": "bool", "tensor(int16)": "int16"}
 STATE_OPS = {"VAR_HANDLE", "ASSIGN_VARIABLE"}  # TFLite ops that keep resource variables across invokes
@@ -60,12 +63,19 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 
 class Model:
-    """A loaded model. ``predict`` is thread-safe (calls are serialized per model)."""
+    """A loaded model. ``predict`` is thread-safe (calls are serialized per model).
+
+    Inputs and outputs follow the sample layout of ``agent.layout`` (``self.layout``): axis 0 of every
+    array counts samples. Models that can take a whole batch in one call get it; others (a fixed batch
+    of 1, a batch axis that is not first, a scalar input) are called once per sample.
+    """
 
     def __init__(self, path: Path, runtime: str, inputs: tuple[TensorSpec, ...],
-                 outputs: tuple[TensorSpec, ...]):
+                 outputs: tuple[TensorSpec, ...], whole_batch: bool = True):
         self.path, self.runtime = path, runtime
         self.inputs, self.outputs = inputs, outputs
+        self.layout = layout_of([s.shape for s in inputs])
+        self._whole_batch = self.layout == BATCH and whole_batch
         self._lock = threading.Lock()
         self._load_args: dict[str, Any] = {}  # set by load_model: how to make another instance
 
@@ -82,16 +92,19 @@ class Model:
         raise NotImplementedError
 
     def predict(self, feed: Mapping[str, Any] | Sequence[Any] | np.ndarray) -> dict[str, np.ndarray]:
-        """Run a batch. ``feed`` is one array (single input), a list in input order, or a name map."""
+        """Run N samples. ``feed`` is one array (single input), a list in input order, or a name map."""
         return self.run(self.arrange(feed))
 
     def run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Run already-arranged inputs (see ``arrange``)."""
         with self._lock:
-            return self._run(arrays)
+            if self.layout == BATCH and (self._whole_batch or arrays[0].shape[0] == 1):
+                return self._call(arrays)
+            return join([self._call(feed) for feed in samples(arrays, self.layout)], self.layout)
 
     def arrange(self, feed: Any) -> list[np.ndarray]:
-        """Check ``feed`` against the model's inputs: float32 (or the model's dtype) arrays, in input order."""
+        """Check ``feed`` against the model's inputs: arrays in input order, float32 for float and
+        quantized inputs, the model's own dtype for integer and bool inputs, with a leading sample axis."""
         if isinstance(feed, Mapping):
             missing = [s.name for s in self.inputs if s.name not in feed]
             unknown = sorted(set(feed) - {s.name for s in self.inputs})
@@ -105,24 +118,64 @@ class Model:
             raise InputError(f"model {self.path.name} takes {len(self.inputs)} inputs, got {len(feed)}")
         out = []
         for spec, x in zip(self.inputs, feed):
-            try:
-                a = np.asarray(x, dtype=np.float32 if np.dtype(spec.dtype).kind == "f" or spec.quantized
-                               else spec.dtype)
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"input {spec.name!r}: not a numeric array ({exc})") from exc
-            want = spec.shape[1:]
-            if a.ndim == len(want):  # a single sample without its batch dimension
+            a = _as_input(x, spec)
+            want = sample_shape(spec.shape, self.layout)
+            if a.ndim == len(want):  # a single sample without its leading sample axis
                 a = a[None]
-            if a.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(want, a.shape[1:])):
-                raise InputError(f"input {spec.name!r}: expected shape (N, {', '.join(map(str, want))}), "
+            if a.ndim != len(want) + 1 or any(w not in (-1, g) for w, g in zip(want, a.shape[1:])):
+                raise InputError(f"input {spec.name!r}: expected shape {describe(spec.shape, self.layout)}, "
                                  f"got {tuple(a.shape)}")
             out.append(a)
-        if len({a.shape[0] for a in out}) > 1:
-            raise InputError("all inputs must have the same batch size")
+        counts = {a.shape[0] for a in out}
+        if len(counts) > 1:
+            raise InputError(f"inputs of model {self.path.name} hold different numbers of samples on axis 0 "
+                             f"({', '.join(f'{s.name}: {a.shape[0]}' for s, a in zip(self.inputs, out))})")
+        if counts == {0}:
+            raise InputError(f"model {self.path.name}: no samples (axis 0 is empty)")
         return out
 
-    def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def set_raw(self, arrays: list[np.ndarray]) -> None:
+        """Load one arranged sample into the runtime for ``invoke`` (benchmarks)."""
+        self._set_raw(arrays if self.layout == BATCH else [a[0] for a in arrays])
+
+    def _call(self, feed: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """One runtime call with inputs exactly as the model takes them."""
         raise NotImplementedError
+
+    def _set_raw(self, feed: list[np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+def _as_input(x: Any, spec: TensorSpec) -> np.ndarray:
+    """One input as an array: float32 for float and quantized tensors (the API speaks float), else the
+    model's integer or bool dtype, refusing values that would change on the way (3.5, 300 for int8)."""
+    dt = np.dtype(spec.dtype)
+    try:
+        if dt.kind == "f" or spec.quantized:
+            return np.asarray(x, dtype=np.float32)
+        a = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"input {spec.name!r}: not a numeric array ({exc})") from exc
+    if a.dtype == dt:
+        return a
+    if a.dtype.kind not in "biuf":
+        raise InputError(f"input {spec.name!r}: not a numeric array (got {a.dtype}); the model takes {dt.name}")
+    problem = cast_problem(a, dt)
+    if problem:
+        raise InputError(f"input {spec.name!r} takes {dt.name} values; got {problem}")
+    return a.astype(dt)
+
+
+def cast_problem(a: np.ndarray, dt: np.dtype) -> str:
+    """Why casting ``a`` to the integer or bool dtype ``dt`` would change its values ('' if it would not)."""
+    if not a.size:
+        return ""
+    if a.dtype.kind == "f" and not np.array_equal(a, np.rint(a)):
+        return "numbers that are not whole (or NaN)"
+    if dt.kind == "b":
+        return "" if np.isin(a, (0, 1)).all() else "numbers other than 0 and 1"
+    info, lo, hi = np.iinfo(dt), a.min(), a.max()
+    return f"{lo}..{hi}, outside {info.min}..{info.max}" if lo < info.min or hi > info.max else ""
 
 
 class TFLiteModel(Model):
@@ -144,19 +197,14 @@ class TFLiteModel(Model):
         self._in_idx = [d["index"] for _, d in ins]
         self._out_idx = [d["index"] for _, d in outs]
         self._shapes = {d["index"]: tuple(int(s) for s in d["shape"]) for _, d in ins}
-        self._batch1 = [int(d["shape_signature"][0]) == 1 if len(d["shape_signature"]) else True
-                        for _, d in ins]
+        whole = all(len(d["shape_signature"]) and int(d["shape_signature"][0]) == -1 for _, d in ins)
         super().__init__(path, runtime, tuple(_tflite_spec(n, d) for n, d in ins),
-                         tuple(_tflite_spec(n, d) for n, d in outs))
+                         tuple(_tflite_spec(n, d) for n, d in outs), whole_batch=whole)
 
     def ops(self) -> list[str]:
         return sorted({op["op_name"] for op in self._it._get_ops_details()} - {"DELEGATE"})
 
-    def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-        n = arrays[0].shape[0]
-        if n > 1 and any(self._batch1):
-            parts = [self._run([a[i:i + 1] for a in arrays]) for i in range(n)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    def _call(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         it = self._it
         if any(self._shapes.get(i) != a.shape for i, a in zip(self._in_idx, arrays)):
             for idx, a in zip(self._in_idx, arrays):
@@ -175,8 +223,8 @@ class TFLiteModel(Model):
         """Raw runtime call on whatever is in the input tensors (for benchmarks)."""
         self._it.invoke()
 
-    def set_raw(self, arrays: list[np.ndarray]) -> None:
-        for idx, spec, a in zip(self._in_idx, self.inputs, arrays):
+    def _set_raw(self, feed: list[np.ndarray]) -> None:
+        for idx, spec, a in zip(self._in_idx, self.inputs, feed):
             self._it.set_tensor(idx, quantize(a, spec))
 
 
@@ -196,17 +244,23 @@ class ONNXModel(Model):
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented
             raise ModelError(f"{path}: ONNX Runtime could not load the model ({exc})") from exc
-        spec = lambda t: TensorSpec(t.name, _ONNX_DTYPES.get(t.type, "float32"),  # noqa: E731
+        spec = lambda t: TensorSpec(t.name, ONNX_DTYPES.get(t.type, "float32"),  # noqa: E731
                                     tuple(s if isinstance(s, int) else -1 for s in t.shape))
-        super().__init__(path, "onnxruntime", tuple(spec(t) for t in self._sess.get_inputs()),
-                         tuple(spec(t) for t in self._sess.get_outputs()))
+        ins = self._sess.get_inputs()
+        # One call takes a whole batch when every input's first dimension is symbolic and that symbol
+        # appears nowhere else (a state [1, "batch", 64] must be fed sample by sample).
+        lead = [t.shape[0] if len(t.shape) else 0 for t in ins]
+        whole = all(not isinstance(d, int) for d in lead) and not any(
+            d in lead for t in ins for d in t.shape[1:] if not isinstance(d, int))
+        super().__init__(path, "onnxruntime", tuple(spec(t) for t in ins),
+                         tuple(spec(t) for t in self._sess.get_outputs()), whole_batch=whole)
         self._feed: dict[str, np.ndarray] = {}
 
     def ops(self) -> list[str]:
         import onnx
         return sorted({n.op_type for n in onnx.load(str(self.path), load_external_data=False).graph.node})
 
-    def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def _call(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         feed = {s.name: quantize(a, s) for s, a in zip(self.inputs, arrays)}
         try:
             res = self._sess.run(None, feed)
@@ -217,8 +271,8 @@ class ONNXModel(Model):
     def invoke(self) -> None:
         self._sess.run(None, self._feed)
 
-    def set_raw(self, arrays: list[np.ndarray]) -> None:
-        self._feed = {s.name: quantize(a, s) for s, a in zip(self.inputs, arrays)}
+    def _set_raw(self, feed: list[np.ndarray]) -> None:
+        self._feed = {s.name: quantize(a, s) for s, a in zip(self.inputs, feed)}
 
 
 def load_model(path: str | Path, *, threads: int = 1, prefer: str | None = None,

@@ -84,8 +84,9 @@ def make_options(signing_key, quick_latency, profile, digits):
         kw.setdefault("validation", paths["validation"])
         kw.setdefault("calibration", paths["calibration"])
         kw.setdefault("meta", json.loads(paths["meta"].read_text()))
+        kw.setdefault("latency", quick_latency)
         return BuildOptions(model=kw.pop("model", paths["model"]), profiles=[profile(p) for p in profiles],
-                            out_dir=Path(out_dir), key=signing_key, latency=quick_latency, **kw)
+                            out_dir=Path(out_dir), key=signing_key, **kw)
     return make
 
 

@@ -85,10 +85,31 @@ def test_reproducible_bundle(make_options, tmp_path):
     profiles = ["rpi3-armv7", "jetson-orin-nano"]
     a = build(make_options(tmp_path / "a", profiles, version=7))
     b = build(make_options(tmp_path / "b", profiles, version=7))
-    c = build(make_options(tmp_path / "c", ["rpi4-arm64"], version=7, variant="int8"))
-    d = build(make_options(tmp_path / "d", ["rpi4-arm64"], version=7, variant="int8"))
+    c = build(make_options(tmp_path / "c", ["rpi4-arm64"], version=7, variant="litert/int8"))
+    d = build(make_options(tmp_path / "d", ["rpi4-arm64"], version=7, variant="litert/int8"))
     for x, y in zip(a.profiles + c.profiles, b.profiles + d.profiles):
         assert x.bundle.name == y.bundle.name
         assert x.bundle.read_bytes() == y.bundle.read_bytes(), x.bundle.name
-    assert c.profiles[0].chosen.precision == "int8"
+    assert (c.profiles[0].chosen.runtime, c.profiles[0].chosen.precision) == ("litert", "int8")
     assert next(p for p in a.profiles if p.profile.name == "jetson-orin-nano").chosen.precision == "fp16"
+
+
+def test_pi_profile_measures_both_runtimes_and_bundles_the_faster(digits_build, keyring):
+    """rpi4-arm64 has LiteRT and ONNX Runtime: a Keras source gets both families, measured; the
+    objective (latency) picks among all of them and the manifest says which runtime the bundle needs."""
+    from toolkit.build.gate import choose
+
+    p = next(p for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    by_runtime = {rt: {v.precision for v in p.variants if v.runtime == rt} for rt in ("litert", "onnxruntime")}
+    assert by_runtime == {"litert": {"int8", "fp16", "fp32", "dynamic-int8"},
+                          "onnxruntime": {"int8", "fp16", "fp32", "dynamic-int8"}}
+    assert all(v.latency.get("p50_ms") for v in p.variants if v.passed)
+    fastest = min(v.latency["p50_ms"] for v in p.variants if v.passed)
+    assert p.chosen.latency["p50_ms"] <= fastest * 1.05
+    for v in p.variants:
+        v.chosen = False
+    assert choose(p.variants, p.profile) is p.chosen  # the same choice over both families
+    p.chosen.chosen = True
+    m = verify_bundle(p.bundle, keyring)
+    assert (m.runtime, m.format) == ({"litert": "litert", "onnxruntime": "onnxruntime"}[p.chosen.runtime],
+                                     {"litert": "tflite", "onnxruntime": "onnx"}[p.chosen.runtime])

@@ -20,7 +20,6 @@ from emulation import DEVICE_MODULES, USERLANDS, run_device_tests, write_inputs
 from test_install import rebundle
 
 PROFILE = {"aarch64": "rpi4-arm64", "armv7": "rpi3-armv7"}
-RUNTIME = {"aarch64": "litert", "armv7": "tflite-runtime"}
 
 
 @pytest.mark.parametrize("arch", sorted(USERLANDS))
@@ -49,7 +48,8 @@ def test_agent_smoke_on_emulated_raspberry_pi(arch, digits_build, digits, signin
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["machine"] == land.machine and out["runtime"] == RUNTIME[arch]
+    chosen = next(p for p in digits_build.profiles if p.profile.name == PROFILE[arch]).chosen
+    assert out["machine"] == land.machine and out["runtime"] == chosen.runtime  # LiteRT or ONNX Runtime on a Pi 4
     assert out["install_v1"] == ["Verify", "Stage", "VerifyModel", "Commit", "Cleanup"]
     assert out["infer_status"] == 200 and sum(a == b for a, b in zip(out["infer_top1"], y)) >= 5
     assert out["delta_applied"] is True and out["install_v2"] == "installed" and out["serving_after_v2"] == 2

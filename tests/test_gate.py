@@ -44,7 +44,9 @@ def test_no_bundle_when_nothing_passes(make_options, digits_outlier, tmp_path):
     with pytest.raises(BuildFailed) as exc:
         build(make_options(out, ["coral-edgetpu"], paths=digits_outlier, version=1))
     msg = str(exc.value)
-    assert "no variant passed the validation gate for: coral-edgetpu" in msg
+    assert "no bundle for 1 of 1 profile(s) (coral-edgetpu: no variant passed the validation gate " \
+           "(tflite-runtime/int8: accuracy drop" in msg
+    assert not exc.value.partial and exc.value.exit_code == 1
     assert "int8" in msg and "accuracy drop" in msg
     assert not list(out.glob("*.bundle"))
     assert any("not possible on the Edge TPU" in n for n in exc.value.result.profiles[0].notes)
@@ -91,3 +93,23 @@ def test_latency_budget_gate_and_choice_logic(profile):
     assert choose([a, b], rpi3) is b
     nan = gate(VariantResult("rpi4-arm64", "fp16", None, metrics={"finite": False}), rpi4, cfg)
     assert "outputs contain NaN/Inf" in nan.reasons
+
+
+def test_integer_outputs_are_compared_exactly(profile):
+    """Class ids or token ids from a variant must equal the reference's; float outputs still give SNR."""
+    import numpy as np
+
+    from toolkit.build.gate import VariantResult, gate
+    from toolkit.build.measure import LatencyConfig, compare
+
+    ref = [np.arange(100, dtype=np.uint8).reshape(10, 10), np.linspace(0, 1, 30, dtype=np.float32).reshape(10, 3, 1)]
+    same = compare([ref[0].copy(), ref[1] + 1e-6], ref, None)
+    assert same["int_agreement"] == 1.0 and same["snr_db"] > 60 and same["task"] == "regression"
+    flipped = ref[0].copy()
+    flipped[:, :2] += 1  # 20% of the ids change
+    m = compare([flipped, ref[1]], ref, None)
+    assert m["int_agreement"] == 0.8
+    v = gate(VariantResult("x86_64-onnx", "int8", None, metrics=m, latency={}), profile("x86_64-onnx"), LatencyConfig())
+    assert v.reasons == ["integer outputs agree on 0.800 of values < 0.97"]
+    only_ints = compare([ref[0]], [ref[0]], None)
+    assert only_ints == {"finite": True, "int_agreement": 1.0, "task": "integer"}

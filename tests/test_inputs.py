@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from toolkit.build.pipeline import build
-from toolkit.errors import ConversionError, InputError, ProfileError
+from toolkit.errors import BuildFailed, ConversionError, InputError, ProfileError
 
 
 def _no_output(out):
@@ -78,7 +78,8 @@ def test_unknown_and_impossible_profiles(make_options, tmp_path):
 
 
 def test_onnx_source_and_quantization(make_options, tmp_path, digits):
-    """An ONNX model (made by tf2onnx here) builds for an ONNX profile with real QDQ int8."""
+    """An ONNX model (made by tf2onnx here) builds for an ONNX profile with real QDQ int8, and for a
+    Raspberry Pi through its ONNX Runtime; the Pi 3 (tflite-runtime only) refuses it on its own."""
     import onnx
 
     from toolkit.build.convert_onnx import to_onnx
@@ -86,13 +87,15 @@ def test_onnx_source_and_quantization(make_options, tmp_path, digits):
 
     path = tmp_path / "digits.onnx"
     onnx.save(to_onnx(load_source(digits["model"]), 17), str(path))
-    r = build(make_options(tmp_path / "dist", ["x86_64-onnx"], model=path, version=1))
-    p = r.profiles[0]
-    assert p.bundle is not None
-    int8 = next(v for v in p.variants if v.precision == "int8")
-    assert int8.passed and int8.metrics["accuracy_drop_points"] <= 1.0
-    with pytest.raises(ConversionError, match="cannot be converted to TFLite for rpi4-arm64"):
-        build(make_options(tmp_path / "dist2", ["rpi4-arm64"], model=path, version=1))
+    with pytest.raises(BuildFailed) as exc:
+        build(make_options(tmp_path / "dist", ["x86_64-onnx", "rpi5-arm64", "rpi3-armv7"], model=path, version=1))
+    by = {p.profile.name: p for p in exc.value.result.profiles}
+    for name in ("x86_64-onnx", "rpi5-arm64"):
+        p = by[name]
+        assert p.bundle is not None and p.chosen.runtime == "onnxruntime"
+        int8 = next(v for v in p.variants if v.precision == "int8")
+        assert int8.passed and int8.metrics["accuracy_drop_points"] <= 1.0
+    assert by["rpi3-armv7"].refused.startswith("rpi3-armv7 has no ONNX Runtime (tflite-runtime 2.14.0)")
 
 
 def _constant_weight_model(path):
@@ -120,7 +123,7 @@ def test_onnx_constant_node_weights_are_quantized(tmp_path, digits):
     _constant_weight_model(path)
     calib = [np.load(digits["calibration"])["image"]]
     for precision in ("int8", "dynamic-int8"):
-        q = quantize(onnx.load(str(path)), precision, calib, ["x"])
+        q, _ = quantize(onnx.load(str(path)), precision, calib, ["x"], "batch", 17)
         assert quant_op_count(q) > 0
         assert not [n for n in q.graph.node if n.op_type == "Constant" and n.output[0] == "W"]
 
@@ -135,18 +138,24 @@ def test_onnx_nothing_to_quantize_is_refused(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ConversionError, match="refusing to output an unquantized 'int8' model"):
-        quantize(m, "dynamic-int8", None, ["x"])
+        quantize(m, "dynamic-int8", None, ["x"], "batch", 17)
 
 
-def test_tflite_source_bundled_as_is(make_options, tmp_path, digits_build):  # noqa: D103
+def test_tflite_source_bundled_as_is(make_options, tmp_path, digits_build):
+    """A .tflite is its own reference: the table says so instead of showing a measured fidelity."""
     src = next(v for p in digits_build.profiles for v in p.variants
-               if p.profile.name == "rpi4-arm64" and v.precision == "int8").file
-    r = build(make_options(tmp_path / "dist", ["rpi4-arm64"], model=src, version=1, name="digits-tfl"))
+               if p.profile.name == "rpi4-arm64" and v.precision == "int8" and v.runtime == "litert").file
+    with pytest.raises(BuildFailed) as exc:
+        build(make_options(tmp_path / "dist", ["rpi4-arm64", "x86_64-onnx"], model=src, version=1,
+                           name="digits-tfl"))
+    r = exc.value.result
     p = r.profiles[0]
-    assert [v.precision for v in p.variants] == ["as-is"] and p.chosen.passed
-    assert "re-quantization is not possible" in p.variants[0].notes[0]
-    with pytest.raises(ConversionError, match="can only be bundled for TFLite profiles"):
-        build(make_options(tmp_path / "dist2", ["x86_64-onnx"], model=src, version=1))
+    assert [(v.runtime, v.precision) for v in p.variants] == [("litert", "as-is")] and p.chosen.passed
+    assert p.bundle is not None and "re-quantization is not possible" in p.variants[0].notes[0]
+    assert any("the reference is the .tflite file itself: its fidelity is 1 by construction" in n for n in p.notes)
+    row = next(line for line in r.table().splitlines() if line.startswith("rpi4-arm64"))
+    assert "1 (self)" in row and "the reference is this .tflite file itself: fidelity 1 by construction" in row
+    assert "REFUSED: a .tflite model is bundled as it is, for TFLite runtimes only" in r.table()
 
 
 def test_savedmodel_source(make_options, tmp_path, digits):

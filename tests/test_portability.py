@@ -151,15 +151,16 @@ def test_install_refuses_a_runtime_this_machine_cannot_have(tmp_path, here, keyr
 
 def test_toolkit_refuses_onnx_for_32_bit_arm(tmp_path, digits, digits_build, make_options, profile):
     """An ONNX model cannot become a rpi3-armv7 bundle (no TFLite converter from ONNX, and no ONNX Runtime
-    for armv7l); neither can a profile that puts ONNX Runtime on armv7l. Both before any work."""
+    for armv7l): the profile's verdict says so and no bundle is written; a profile that puts ONNX Runtime on
+    armv7l is refused before any work."""
     from click.testing import CliRunner
 
     from toolkit.build.pipeline import build
     from toolkit.cli import cli
-    from toolkit.errors import ConversionError
+    from toolkit.errors import BuildFailed
 
     onnx = next(Path(digits_build.profiles[0].bundle).parent.glob("variants/x86_64-onnx-fp32.onnx"))
-    with pytest.raises(ConversionError, match="onnxruntime has no wheels for armv7l.*rpi3-armv7"):
+    with pytest.raises(BuildFailed, match="onnxruntime has no wheels for armv7l.*rpi3-armv7"):
         build(make_options(tmp_path / "d", ["rpi3-armv7"], model=onnx, version=1))
     assert not list(tmp_path.glob("d/*.bundle"))
     prof = tmp_path / "pi3-onnx.toml"

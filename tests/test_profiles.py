@@ -18,6 +18,10 @@ def test_shipped_profiles_load():
     assert profs["coral-edgetpu"].edgetpu and profs["coral-edgetpu"].int8_io == "uint8"
     assert profs["jetson-orin-nano"].format == "onnx" and profs["jetson-orin-nano"].precisions[0] == "fp16"
     assert profs["x86_64-onnx"].max_opset == 17
+    rpi4 = profs["rpi4-arm64"]
+    assert [(r.name, r.format) for r in rpi4.runtimes] == [("litert", "tflite"), ("onnxruntime", "onnx")]
+    assert rpi4.runtimes[1].max_opset == 21 and rpi4.runtimes[1].threads == 4
+    assert rpi4.only(rpi4.runtimes[1]).format == "onnx" and rpi4.only(rpi4.runtimes[1]).runtime == "onnxruntime"
 
 
 BASE = """
@@ -96,3 +100,47 @@ def test_errors_name_file_and_key(tmp_path):
 def test_unknown_profile_lists_known():
     with pytest.raises(ProfileError, match=r"unknown device profile 'nope'; known: .*rpi4-arm64"):
         find_profile("nope", search_dirs())
+
+
+ALT = """
+[[runtime.alternatives]]
+name = "{name}"
+version = "{version}"
+{extra}
+"""
+
+
+def test_runtime_alternatives(tmp_path):
+    """A device with several runtimes: each inherits threads and the accepted precisions it can run."""
+    p = write(tmp_path, accepted='["int8", "int16x8", "fp32"]',
+              extra_runtime=ALT.format(name="onnxruntime", version="1.32.0", extra="max_opset = 19"))
+    prof = load_profile_file(p)
+    lite, ort = prof.runtimes
+    assert (lite.name, lite.precisions) == ("litert", ("int8", "int16x8", "fp32"))
+    assert (ort.name, ort.precisions, ort.threads, ort.max_opset) == ("onnxruntime", ("int8", "fp32"), 2, 19)
+    assert prof.summary()["runtimes"][1]["format"] == "onnx"
+    p = write(tmp_path, extra_runtime=ALT.format(name="onnxruntime", version="1.32.0",
+                                                 extra='max_opset = 17\nthreads = 1\naccepted = ["fp16"]'))
+    ort = load_profile_file(p).runtimes[1]
+    assert (ort.threads, ort.precisions) == (1, ("fp16",))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(arch="armv7l", runtime="tflite-runtime", version="2.14.0", extra_runtime='numpy = "<2"' + ALT.format(
+        name="onnxruntime", version="1.32.0", extra="max_opset = 17")),
+     r"runtime.alternatives\[0\].name: onnxruntime has no wheels for armv7l"),
+    (dict(arch="armv7l", runtime="tflite-runtime", version="2.14.0", extra_runtime='numpy = "<2"' + ALT.format(
+        name="litert", version="2.3.0", extra="")), r"runtime.alternatives\[0\].name: litert has no wheels for armv7l"),
+    (dict(extra_runtime=ALT.format(name="onnxruntime", version="1.32.0", extra="")),
+     r"runtime.alternatives\[0\].max_opset: required for onnxruntime"),
+    (dict(extra_runtime=ALT.format(name="litert", version="2.3.0", extra="")),
+     r"runtime.alternatives\[0\].name: litert is listed twice"),
+    (dict(accepted='["int16x8"]', extra_runtime=ALT.format(name="onnxruntime", version="1.32.0", extra="max_opset = 17")),
+     r"runtime.alternatives\[0\]: none of precision.accepted is valid for onnxruntime"),
+    (dict(extra_runtime='alternatives = ["onnxruntime"]'), r"runtime.alternatives: expected a list of tables"),
+])
+def test_impossible_alternatives_refused(tmp_path, kw, match):
+    p = write(tmp_path, **kw)
+    with pytest.raises(ProfileError, match=match) as exc:
+        load_profile_file(p)
+    assert str(p) in str(exc.value)

@@ -96,7 +96,11 @@ class _Progress:
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--no-selective", is_flag=True, help="Do not try to repair a failing int8 model.")
 @click.option("--keep-variants", is_flag=True, help="Keep every variant file in OUT/variants-NAME/.")
-@click.option("--variant", help="Pin the bundled variant (e.g. int8) instead of choosing by objective.")
+@click.option("--variant", help="Pin the bundled variant (e.g. int8, or onnxruntime/int8 on a profile with "
+              "several runtimes) instead of choosing by objective.")
+@click.option("--unsafe-deserialization", is_flag=True,
+              help="Allow Keras Lambda layers: loading runs Python code stored in the model file. Only for "
+              "files you trust.")
 @click.option("--min-reference-accuracy", type=click.FloatRange(0, 1),
               help="With labels: fail the gate when the fp32 reference accuracy is below this "
                    "[default: chance, 1/classes].")
@@ -106,7 +110,8 @@ class _Progress:
 def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path, calibration: Path | None,
           train: Path | None, name: str | None, version: int | None, meta: Path | None, out: Path,
           key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool,
-          keep_variants: bool, variant: str | None, min_reference_accuracy: float | None, quick: bool,
+          keep_variants: bool, variant: str | None, unsafe_deserialization: bool,
+          min_reference_accuracy: float | None, quick: bool,
           as_json: bool) -> None:
     """Convert MODEL for each device profile, validate every variant and write signed bundles."""
     from toolkit.build.pipeline import BuildOptions, build as run_build, write_summary
@@ -134,8 +139,9 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
                         train=train, name=name, version=version, meta=meta_doc, out_dir=out,
                         key=signing, registry=registry, prune=prune, qat=qat, epochs=epochs,
                         latency=latency, runtime_pythons=s.runtime_pythons(), selective=not no_selective,
-                        variant=variant, min_reference_accuracy=min_reference_accuracy, keep_variants=out / f"variants-{name or model.stem}"
-                        if keep_variants else None)
+                        variant=variant, min_reference_accuracy=min_reference_accuracy,
+                        keep_variants=out / f"variants-{name or model.stem}" if keep_variants else None,
+                        unsafe_deserialization=unsafe_deserialization)
     failed: BuildFailed | None = None
     try:
         result = run_build(opts, progress)
@@ -158,8 +164,10 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
         for p in result.profiles:
             for n in p.notes + [f"{v.precision}: {x}" for v in p.variants for x in v.notes]:
                 click.echo(f"note [{p.profile.name}]: {n}")
-            if p.bundle:
-                click.echo(f"bundle [{p.profile.name}]: {p.bundle} ({p.chosen.precision if p.chosen else ''})")
+            if p.bundle and p.chosen:
+                click.echo(f"bundle [{p.profile.name}]: {p.bundle} ({p.chosen.runtime} {p.chosen.precision})")
+            else:
+                click.echo(f"no bundle [{p.profile.name}]: {p.verdict}")
         click.echo(f"summary: {summary}\nreport:  {report}")
     if failed:
         raise failed
@@ -182,8 +190,8 @@ def profiles_list(s: Settings, as_json: bool) -> None:
     if as_json:
         return _emit([p.summary() for p in profs])
     for p in profs:
-        click.echo(f"{p.name:<18} {p.arch:<8} {p.runtime} {p.runtime_version:<8} "
-                   f"{','.join(p.precisions):<30} {p.description}")
+        runtimes = " + ".join(f"{r.name} {r.version}" for r in p.runtimes)
+        click.echo(f"{p.name:<18} {p.arch:<8} {runtimes:<36} {','.join(p.precisions):<28} {p.description}")
 
 
 @profiles.command("show")

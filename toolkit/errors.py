@@ -48,8 +48,11 @@ class RegistryError(ToolkitError):
 
 
 class BuildFailed(ValidationError):
-    """No variant passed for at least one profile; bundles of the other profiles were written."""
+    """At least one profile got no bundle (refused, or no variant passed); the other profiles' bundles
+    were written. Exit code 1 when no bundle was written at all, 3 when some were (``partial``)."""
 
-    def __init__(self, result: Any, message: str):
+    def __init__(self, result: Any, message: str, partial: bool = False):
         super().__init__(message, result.table())
         self.result = result
+        self.partial = partial
+        self.exit_code = 3 if partial else 1

@@ -2,7 +2,10 @@
 
 Quantization never silently yields a float model: Constant-node weights are first turned into
 initializers (ONNX Runtime's quantizer only sees initializers), and the result is checked for
-quantized ops; a model with none is refused with a ConversionError.
+quantized ops; a model with none is refused with a ConversionError. Only float tensors are quantized
+(integer inputs such as token ids pass through). Older exports are brought up to the opset that
+per-channel QDQ needs (13) when the profile allows it; where per-channel quantization is impossible
+the variant is quantized per tensor, and the notes say so.
 """
 
 from __future__ import annotations
@@ -13,13 +16,25 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.build.convert_tflite import run_converter
+from agent.layout import samples
+from toolkit.build.convert_tflite import CALIBRATION_SAMPLES, run_converter
 from toolkit.errors import ConversionError
 from toolkit.build.ingest import SourceModel
 from toolkit.tfenv import import_tf
 
+TF2ONNX_OPSET = 17  # the highest opset tf2onnx 1.17 exports well (docs: dependencies)
+PER_CHANNEL_OPSET = 13  # DequantizeLinear gained its `axis` attribute in opset 13
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
              "ConvInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QGemm"}
+
+
+def export_opset(source: SourceModel, max_opset: int) -> int:
+    """The opset the fp32 ONNX graph will have for a profile allowing ``max_opset``."""
+    if source.kind == "onnx":
+        import onnx
+
+        return min(opset_of(onnx.load(str(source.path), load_external_data=False)), max_opset)
+    return min(max_opset, TF2ONNX_OPSET)
 
 
 def to_onnx(source: SourceModel, opset: int, keras_model: Any = None) -> Any:
@@ -28,15 +43,11 @@ def to_onnx(source: SourceModel, opset: int, keras_model: Any = None) -> Any:
 
     if source.kind == "onnx":
         model = onnx.load(str(source.path))
-        current = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+        drop_initializer_inputs(model)
+        current = opset_of(model)
         if current > opset:
-            from onnx import version_converter
-
-            try:
-                model = version_converter.convert_version(model, opset)
-            except Exception as exc:
-                raise ConversionError(f"{source.path}: opset {current} exceeds the profile's max "
-                                      f"opset {opset} and cannot be converted down ({exc})") from exc
+            model = convert_opset(model, opset, f"{source.path}: opset {current} exceeds the profile's "
+                                                f"max opset {opset} and cannot be converted down")
         return model
     if not source.is_tf:
         raise ConversionError(f"{source.path}: a {source.kind} model cannot be converted to ONNX here")
@@ -58,8 +69,32 @@ def to_onnx(source: SourceModel, opset: int, keras_model: Any = None) -> Any:
             return tf2onnx.convert.from_graph_def(graph_def, input_names=ins, output_names=outs,
                                                   opset=opset, tensors_to_rename=renames)
     tf2onnx.utils.INTERNAL_NAME = 1  # tf2onnx numbers generated names globally: reset for reproducibility
-    model, _ = run_converter(fn, f"{source.path.name} → onnx (opset {opset})")
+    model, _ = run_converter(fn, f"{source.path.name} → onnx (opset {min(opset, TF2ONNX_OPSET)})")
     return model
+
+
+def drop_initializer_inputs(model: Any) -> int:
+    """Old exporters (IR < 4) also listed every weight as a graph input, so that it could be fed; no
+    runtime needs that, and it hides the weights from quantizers and the fp16 converter. Removes
+    them from ``graph.input`` in place; returns how many."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in weights]
+    dropped = len(graph.input) - len(keep)
+    if dropped:
+        del graph.input[:]
+        graph.input.extend(keep)
+        model.ir_version = max(model.ir_version, 4)
+    return dropped
+
+
+def convert_opset(model: Any, opset: int, what: str) -> Any:
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises plain RuntimeError/ValueError per missing adapter
+        raise ConversionError(f"{what} ({' '.join(str(exc).split())})") from exc
 
 
 def constants_to_initializers(model: Any) -> int:
@@ -87,30 +122,70 @@ def to_fp16(model: Any) -> Any:
     return run_converter(lambda: convert_float_to_float16(model, keep_io_types=True), "onnx fp16")
 
 
-def quantize(model: Any, precision: str, calib: list[np.ndarray] | None, input_names: list[str]) -> Any:
-    """dynamic-int8 or static QDQ int8 (per-channel), refusing a model that ends up unquantized."""
+def quantize(model: Any, precision: str, calib: list[np.ndarray] | None, input_names: list[str],
+             layout: str, max_opset: int) -> tuple[Any, list[str]]:
+    """dynamic-int8 or static QDQ int8 (per-channel where possible), refusing a model that ends up
+    unquantized. Returns the model and notes on what had to change (opset, per-tensor fallback)."""
+    import onnx
+
+    notes: list[str] = []
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    moved = constants_to_initializers(model)
+    current = opset_of(model)
+    per_channel = precision == "int8"
+    if current < PER_CHANNEL_OPSET:
+        if max_opset >= PER_CHANNEL_OPSET:
+            model = convert_opset(model, PER_CHANNEL_OPSET, f"opset {current} → {PER_CHANNEL_OPSET} "
+                                                            f"for quantization")
+            notes.append(f"opset upgraded {current} → {PER_CHANNEL_OPSET} for quantization")
+        elif current < 10:
+            raise ConversionError(f"ONNX quantization needs opset >= 10; the model has {current} and the "
+                                  f"profile allows at most {max_opset}")
+        else:
+            per_channel = False
+            notes.append(f"quantized per tensor: per-channel needs opset {PER_CHANNEL_OPSET}, the profile "
+                         f"allows {max_opset}")
+    if precision == "int8" and calib is None:
+        raise ConversionError("int8 needs calibration data (--calibration data.npz)")
+    if precision not in ("int8", "dynamic-int8"):
+        raise ConversionError(f"unknown ONNX quantization {precision!r}")
+    try:
+        result = _quantize(model, precision, calib, input_names, layout, per_channel)
+    except ConversionError as exc:
+        if not per_channel:
+            raise
+        result = _quantize(model, precision, calib, input_names, layout, False)
+        notes.append(f"quantized per tensor: per-channel quantization failed ({exc})")
+    if quant_op_count(result) == 0:
+        ops = sorted({n.op_type for n in result.graph.node})
+        raise ConversionError(f"ONNX Runtime could not quantize any op for {precision} (ops: "
+                              f"{', '.join(ops)}; {moved} Constant weights were moved to "
+                              f"initializers); refusing to output an unquantized 'int8' model")
+    return result, notes
+
+
+def _quantize(model: Any, precision: str, calib: list[np.ndarray] | None, input_names: list[str],
+              layout: str, per_channel: bool) -> Any:
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    moved = constants_to_initializers(model)
     with tempfile.TemporaryDirectory(prefix="edgeship-onnxq-") as tmp:
         src, pre, out = Path(tmp, "src.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "q.onnx")
         onnx.save(model, str(src))
         if precision == "dynamic-int8":
-            run_converter(lambda: quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8),
-                          "onnx dynamic int8")
-        elif precision == "int8":
-            if calib is None:
-                raise ConversionError("int8 needs calibration data (--calibration data.npz)")
+            run_converter(lambda: quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8,
+                                                   per_channel=per_channel), "onnx dynamic int8")
+        else:
+            assert calib is not None
+            feeds = samples([a[:CALIBRATION_SAMPLES] for a in calib], layout)
 
             class Reader(CalibrationDataReader):
+                """One sample per call, exactly as the model takes it; integer inputs as they are."""
+
                 def __init__(self) -> None:
-                    n = min(200, calib[0].shape[0])
-                    self._it = iter([{name: a[i:i + 1] for name, a in zip(input_names, calib)}
-                                     for i in range(n)])
+                    self._it = iter([dict(zip(input_names, f)) for f in feeds])
 
                 def get_next(self) -> dict[str, np.ndarray] | None:
                     return next(self._it, None)
@@ -118,17 +193,9 @@ def quantize(model: Any, precision: str, calib: list[np.ndarray] | None, input_n
             run_converter(lambda: quant_pre_process(str(src), str(pre), skip_symbolic_shape=True),
                           "onnx quantization pre-processing")
             run_converter(lambda: quantize_static(
-                str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8), "onnx static int8")
-        else:
-            raise ConversionError(f"unknown ONNX quantization {precision!r}")
-        result = onnx.load(str(out))
-    if quant_op_count(result) == 0:
-        ops = sorted({n.op_type for n in result.graph.node})
-        raise ConversionError(f"ONNX Runtime could not quantize any op for {precision} (ops: "
-                              f"{', '.join(ops)}; {moved} Constant weights were moved to "
-                              f"initializers); refusing to output an unquantized 'int8' model")
-    return result
+        return onnx.load(str(out))
 
 
 def opset_of(model: Any) -> int:

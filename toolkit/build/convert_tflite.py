@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from agent.layout import samples
 from toolkit.errors import ConversionError
 from toolkit.build.ingest import SourceModel
 from toolkit.tfenv import import_tf
@@ -30,11 +31,12 @@ def converter_for(source: SourceModel, keras_model: Any = None) -> Any:
 
 
 def representative(source: SourceModel, calib: list[np.ndarray]):
-    n = min(CALIBRATION_SAMPLES, calib[0].shape[0])
+    """One calibration sample per step, exactly as the model takes it (``agent.layout``); the converter
+    quantizes float inputs only and leaves integer ones (token ids, a sample rate) alone."""
+    feeds = samples([a[:CALIBRATION_SAMPLES] for a in calib], source.layout)
 
     def gen() -> Iterator[Any]:
-        for i in range(n):
-            sample = [a[i:i + 1] for a in calib]
+        for sample in feeds:
             yield sample if source.kind == "keras" else {s.name: x for s, x in zip(source.inputs, sample)}
     return gen
 
@@ -81,7 +83,7 @@ def run_converter(fn: Any, what: str) -> Any:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         ops = [ln for ln in lines if "op" in ln.lower() and ("not supported" in ln or "tfl." in ln
                                                              or "tf." in ln)]
-        detail = "; ".join((ops or lines)[:6])[:800]
+        detail = "; ".join((ops or lines)[:6])
         raise ConversionError(f"{what} failed: {detail}") from exc
 
 

@@ -1,8 +1,11 @@
 """Calibration, validation and training data: ``.npz`` files checked against the model's inputs.
 
 An npz holds one array per model input, keyed by input name (``x`` also works for a single input),
-and optionally labels under ``y``. Everything is checked (keys, shapes, dtypes, finiteness) and
-refused with a message naming the file and the array.
+and optionally labels under ``y``. Axis 0 counts samples, laid out as ``agent.layout`` says: batched
+along axis 0 for models whose inputs all have a leading batch axis, else N samples stacked on a new
+leading axis, each the input exactly as the model takes it. Everything is checked (keys, shapes,
+dtypes, whole numbers for integer inputs, finiteness) and refused with a message naming the file and
+the array.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.layout import BATCH, describe, layout_of, sample_shape
+from agent.runtime import cast_problem
 from toolkit.errors import InputError
 from toolkit.build.ingest import IOSpec
 
@@ -24,7 +29,7 @@ LABEL_KEYS = ("y", "labels")
 class Dataset:
     path: Path
     sha256: str
-    inputs: list[np.ndarray]  # in model input order, float32
+    inputs: list[np.ndarray]  # in model input order: float32 for float inputs, else the input's dtype
     labels: np.ndarray | None
     role: str = "validation"
 
@@ -61,22 +66,22 @@ def load_dataset(path: str | Path, specs: list[IOSpec], role: str) -> Dataset:
     else:
         raise InputError(f"{role} data {path}: needs one array per model input named "
                          f"{names}{' (or x)' if len(specs) == 1 else ''}; found {sorted(arrays)}")
+    layout = layout_of([s.shape for s in specs])
     inputs = []
     for spec, key in zip(specs, keys):
         a = arrays[key]
         where = f"{role} data {path}: array {key!r}"
         if a.dtype.kind not in "fiub":
             raise InputError(f"{where} has dtype {a.dtype}; expected numbers for input {spec.name!r}")
-        want = spec.shape[1:]
-        if a.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(want, a.shape[1:])):
-            shown = "(N, " + ", ".join("?" if w == -1 else str(w) for w in want) + ")"
-            raise InputError(f"{where} has shape {a.shape}; model input {spec.name!r} expects {shown}")
+        want = sample_shape(spec.shape, layout)
+        if a.ndim != len(want) + 1 or any(w not in (-1, g) for w, g in zip(want, a.shape[1:])):
+            how = "" if layout == BATCH else (" (N samples stacked on a new leading axis, each exactly "
+                                              "as the model takes it: see README, Data files)")
+            raise InputError(f"{where} has shape {a.shape}; model input {spec.name!r} expects "
+                             f"{describe(spec.shape, layout)}{how}")
         if a.shape[0] == 0:
             raise InputError(f"{where} is empty")
-        a = a.astype(np.float32)
-        if not np.isfinite(a).all():
-            raise InputError(f"{where} contains NaN or Inf")
-        inputs.append(a)
+        inputs.append(_as_dtype(a, spec, where))
     if len({a.shape[0] for a in inputs}) > 1:
         raise InputError(f"{role} data {path}: input arrays have different sample counts")
     labels = next((arrays[k] for k in LABEL_KEYS if k in arrays), None)
@@ -99,3 +104,19 @@ def check_labels(data: Dataset, classes: int | None, output: str) -> None:
         raise InputError(f"{data.role} data {data.path}: labels y range {lo}..{hi}, but output {output!r} has "
                          f"{classes} classes (0..{classes - 1}); {bad} of {data.labels.size} labels are outside. "
                          f"Labels must be class indices of the model's output")
+
+
+def _as_dtype(a: np.ndarray, spec: IOSpec, where: str) -> np.ndarray:
+    """float32 for float inputs (finite); the input's own dtype for integer and bool inputs, refusing
+    values that the cast would change."""
+    dt = np.dtype(spec.dtype)
+    if dt.kind == "f":
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise InputError(f"{where} contains NaN or Inf")
+        return a
+    problem = cast_problem(a, dt)
+    if problem:
+        raise InputError(f"{where}: model input {spec.name!r} takes {dt.name} values; the array holds "
+                         f"{problem}")
+    return a.astype(dt)

@@ -4,7 +4,8 @@ Run as ``python -m toolkit.build.latency_worker MODEL --threads N [--inputs x.np
 It imports only numpy and the agent's runtime layer, so it also runs inside a device-runtime
 environment (e.g. a venv with tflite-runtime 2.14 and numpy<2) to check that a model loads there.
 Steps: init (load + allocate), first inference, warm-up (>= min runs and >= min seconds), then the
-measured runs (>= min runs and >= min seconds); reports p50/p90/p95/p99 and the process's peak RSS.
+measured runs (>= min runs and >= min seconds); reports every run's time (the parent computes the
+percentiles) and the process's peak RSS. Inputs follow the sample layout of ``agent.layout``.
 """
 
 from __future__ import annotations
@@ -53,15 +54,17 @@ def main(argv: list[str] | None = None) -> int:
             outs = model.predict(feed)
             np.savez(a.eval_out, **{f"{i}:{k}": v for i, (k, v) in enumerate(outs.items())})
         if a.inputs:
-            arrays = [x[:1] for x in _feed(model, a.inputs)]
-        else:
+            arrays = model.arrange([x[:1] for x in _feed(model, a.inputs)])
+        else:  # one sample of random floats / zeros, 1 for every dynamic dimension
             rng = np.random.default_rng(0)
-            arrays = [rng.random([1 if d == -1 else d for d in s.shape], dtype=np.float32)
-                      for s in model.inputs]
+            arrays = model.arrange([rng.random([1 if d == -1 else d for d in s.shape], dtype=np.float32)
+                                    if np.dtype(s.dtype).kind == "f" or s.quantized
+                                    else np.zeros([1 if d == -1 else d for d in s.shape], s.dtype)
+                                    for s in model.inputs])
         t0 = time.perf_counter()
-        out = model.predict(arrays)
+        out = model.run(arrays)
         first_ms = (time.perf_counter() - t0) * 1e3
-        finite = all(bool(np.isfinite(v).all()) for v in out.values())
+        finite = all(bool(np.isfinite(v).all()) for v in out.values() if v.dtype.kind == "f")
         res = {"ok": True, "runtime": model.runtime, "runtime_version": _runtime_version(model.runtime),
                "ops": model.ops(), "init_ms": init_ms, "first_ms": first_ms, "finite": finite,
                "numpy": np.__version__}
@@ -88,8 +91,6 @@ def _feed(model, path: str) -> list:
 
 
 def _measure(invoke, a) -> dict:
-    import numpy as np
-
     start, n = time.perf_counter(), 0
     while n < a.warmup_runs or time.perf_counter() - start < a.warmup_seconds:
         invoke()
@@ -99,10 +100,8 @@ def _measure(invoke, a) -> dict:
     while len(times) < a.runs or time.perf_counter() - start < a.seconds:
         t = time.perf_counter()
         invoke()
-        times.append((time.perf_counter() - t) * 1e3)
-    p = np.percentile(times, [50, 90, 95, 99])
-    return {"warmup_runs": n, "runs": len(times), "p50_ms": p[0], "p90_ms": p[1], "p95_ms": p[2],
-            "p99_ms": p[3], "mean_ms": float(np.mean(times))}
+        times.append(round((time.perf_counter() - t) * 1e3, 4))
+    return {"warmup_runs": n, "times_ms": times}
 
 
 def _runtime_version(runtime: str) -> str:

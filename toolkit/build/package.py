@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import platform
 import zipfile
 from importlib import metadata
@@ -43,9 +44,12 @@ def _g(x: float) -> float:
 
 
 def input_stats(names: list[str], arrays: list[np.ndarray]) -> list[dict[str, Any]]:
-    """Per-input summary of the calibration data, for drift checks on the device."""
+    """Per-input summary of the calibration data, for drift checks on the device. Float inputs only:
+    token ids, lengths or a sample rate have no distribution to drift from."""
     out = []
     for name, a in zip(names, arrays):
+        if a.dtype.kind != "f":
+            continue
         flat = a.reshape(-1)
         if flat.size > 200_000:
             flat = flat[:: flat.size // 200_000 + 1]
@@ -58,33 +62,51 @@ def input_stats(names: list[str], arrays: list[np.ndarray]) -> list[dict[str, An
     return out
 
 
-def output_stats(model: Model, inputs: list[np.ndarray], limit: int = 512) -> list[dict[str, Any]]:
-    """Predicted-class distribution of each classifier-shaped output ([N, C], 2 <= C <= 1000) on
-    held-out data: the device compares what it predicts in the field with it."""
-    res = model.predict([a[:limit] for a in inputs])
+def model_feed(model: Model, names: list[str], arrays: list[np.ndarray]) -> dict[str, np.ndarray] | list:
+    """Source-ordered arrays as a feed for a variant: by name, or by position when the converter
+    renamed the inputs."""
+    by_name = dict(zip(names, arrays))
+    if all(s.name in by_name for s in model.inputs):
+        return {s.name: by_name[s.name] for s in model.inputs}
+    return list(arrays)
+
+
+def output_stats(model: Model, feed: dict[str, np.ndarray] | list, limit: int = 512) -> list[dict[str, Any]]:
+    """Predicted-class distribution of each float classifier-shaped output ([N, C], 2 <= C <= 1000)
+    on held-out data: the device compares what it predicts in the field with it."""
+    res = model.predict(_head(feed, limit))
     out = []
     for spec in model.outputs:
         y = res[spec.name]
-        if y.ndim == 2 and 2 <= y.shape[1] <= 1000:
+        if y.dtype.kind == "f" and y.ndim == 2 and 2 <= y.shape[1] <= 1000:
             p = np.bincount(y.argmax(1), minlength=y.shape[1]) / y.shape[0]
             out.append({"name": spec.name, "classes": int(y.shape[1]), "p": [_g(x) for x in p]})
     return out
 
 
-def golden_set(model: Model, inputs: list[np.ndarray], count: int,
+def _head(feed: dict[str, np.ndarray] | list, n: int) -> dict[str, np.ndarray] | list:
+    return {k: a[:n] for k, a in feed.items()} if isinstance(feed, dict) else [a[:n] for a in feed]
+
+
+def golden_set(model: Model, feed: dict[str, np.ndarray] | list, count: int,
                half: bool = False) -> tuple[dict[str, np.ndarray], float]:
-    """Inputs and the variant's own outputs on them, with an absolute tolerance for replay on device
-    (``half``: fp16 weights, whose results vary more across CPUs)."""
-    feed = [a[:count] for a in inputs]
-    res = model.predict(feed)
-    arrays = {f"in.{s.name}": f for s, f in zip(model.inputs, feed)}
+    """Inputs and the variant's own outputs on them (N samples in the ``agent.layout`` of the model),
+    with an absolute tolerance for the float outputs' replay on device (``half``: fp16 weights, whose
+    results vary more across CPUs). Integer outputs are kept as they are and replayed exactly."""
+    arranged = model.arrange(_head(feed, count))
+    res = model.run(arranged)
+    arrays = {f"in.{s.name}": a for s, a in zip(model.inputs, arranged)}
     atol = 0.0
     for spec in model.outputs:
         out = res[spec.name]
+        if out.dtype.kind in "iub":
+            arrays[f"out.{spec.name}"] = out
+            continue
         arrays[f"out.{spec.name}"] = out.astype(np.float32)
-        tol = 3 * spec.scale if spec.quantized else 1e-3 * (1.0 + float(np.max(np.abs(out))))
+        peak = float(np.max(np.abs(out))) if out.size else 0.0
+        tol = 3 * spec.scale if spec.quantized else 1e-3 * (1.0 + peak)
         if spec.dtype == "float16" or half:
-            tol = max(tol, 1e-2 * (1.0 + float(np.max(np.abs(out)))))
+            tol = max(tol, 1e-2 * (1.0 + peak))
         atol = max(atol, tol)
     return arrays, _g(atol)
 
@@ -101,19 +123,23 @@ def _versions() -> dict[str, str]:
 
 
 def write(out: Path, *, name: str, version: int, profile: Profile, variant: VariantResult,
-          key: SigningKey, val_inputs: list[np.ndarray], stats: list[dict[str, Any]],
+          key: SigningKey, input_names: list[str], val_inputs: list[np.ndarray], stats: list[dict[str, Any]],
           meta: dict[str, Any], provenance: dict[str, Any], golden_count: int = 8,
           model_bytes: bytes | None = None) -> Manifest:
+    """``profile`` is the one-runtime view the variant was built for; ``val_inputs`` are in the
+    source model's input order (``input_names``)."""
     assert variant.file is not None
-    model = load_model(variant.file, threads=profile.threads)
-    per_sample = sum(a[:1].nbytes for a in val_inputs) + sum(4 * abs(int(np.prod(o.shape[1:]))) for o in model.outputs)
+    model = load_model(variant.file, threads=min(profile.threads, os.cpu_count() or 1))
+    feed = model_feed(model, input_names, val_inputs)
+    one = model.predict(_head(feed, 1))
+    per_sample = sum(a[:1].nbytes for a in val_inputs) + sum(o.nbytes for o in one.values())
     count = max(1, min(golden_count, GOLDEN_BUDGET // max(per_sample, 1)))  # image models: few samples
-    golden, atol = golden_set(model, val_inputs, count, half=variant.precision == "fp16")
+    golden, atol = golden_set(model, feed, count, half=variant.precision == "fp16")
     model_file = "model" + FORMATS[profile.format]
     m = variant.metrics
     metrics = {k: (_g(v) if isinstance(v, float) else v) for k, v in m.items()
                if k in ("accuracy", "reference_accuracy", "accuracy_drop_points", "top1_agreement",
-                        "max_abs_error", "snr_db", "task")}
+                        "max_abs_error", "snr_db", "int_agreement", "task", "reference")}
     manifest: dict[str, Any] = {
         "name": name, "version": version, "profile": profile.name, "arch": profile.arch,
         "format": profile.format, "precision": variant.precision,
@@ -125,12 +151,12 @@ def write(out: Path, *, name: str, version: int, profile: Profile, variant: Vari
         "inputs": [s.to_dict() for s in model.inputs],
         "outputs": [s.to_dict() for s in model.outputs],
         "golden": {"path": GOLDEN_FILE, "count": int(next(iter(golden.values())).shape[0]),
-                   "atol": atol, "rtol": 1e-3},
+                   "atol": atol, "rtol": 1e-3, "layout": model.layout},
         "labels": [str(x) for x in meta.get("labels", [])],
         "preprocessing": meta.get("preprocessing", {}),
         "postprocessing": meta.get("postprocessing", {}),
         "input_stats": stats,
-        "output_stats": output_stats(model, val_inputs),
+        "output_stats": output_stats(model, feed),
         "metrics": {**metrics, "size_bytes": variant.size_bytes},
         "provenance": {**provenance, "profile_sha256": profile.sha256, "tools": _versions()},
     }

@@ -1,15 +1,18 @@
 """`edgeship build`: source model → per-profile variants → validation gate → signed bundle.
 
-Per profile: produce every accepted precision, run each in the profile's runtime family against the
-fp32 reference, measure latency/RSS in an isolated process, gate on accuracy and budgets, repair a
-failing full-int8 with selective quantization, pick the best passing variant by the profile's
-objective, and write a signed bundle. Nothing is written for a profile with no passing variant.
+Per profile and per runtime the profile offers that the source can go to: produce every accepted
+precision, run each in that runtime against the fp32 reference, measure latency/RSS in an isolated
+process, gate on accuracy and budgets, repair a failing full-int8 with selective quantization; then
+pick the best passing variant over all of the profile's runtimes by its objective, and write a signed
+bundle for that runtime. Every profile gets its own verdict: a profile that cannot take the source, or
+where nothing passes, gets no bundle and a reason, and the others still get theirs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,16 +21,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agent.manifest import FORMATS, no_wheels
+from agent.manifest import FORMATS, no_wheels, valid_name
 from agent.store import atomic_write
 from toolkit.build import edgetpu, selective
 from toolkit.build.data import Dataset, check_labels, load_dataset
 from toolkit.errors import BuildFailed, ConversionError, InputError
 from toolkit.build.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
-from toolkit.build.ingest import load_source
+from toolkit.build.ingest import SourceModel, load_source
 from toolkit.build.measure import LatencyConfig
 from toolkit.build.package import input_stats, npz_bytes, write
-from toolkit.profiles import Profile
+from toolkit.profiles import Profile, Runtime
 from toolkit.registry import Registry
 from toolkit.signing import SigningKey
 from toolkit.build.variants import VariantFactory
@@ -55,9 +58,10 @@ class BuildOptions:
     runtime_pythons: dict[str, str] = field(default_factory=dict)  # "tflite-runtime-2.14.0" -> python
     golden_count: int = 8
     selective: bool = True
-    variant: str | None = None  # pin the chosen precision (must pass the gate)
+    variant: str | None = None  # pin the chosen precision, or RUNTIME/PRECISION (must pass the gate)
     min_reference_accuracy: float | None = None  # labelled gate: fp32 floor (default: chance, 1/classes)
     keep_variants: Path | None = None  # keep every variant file in this folder
+    unsafe_deserialization: bool = False  # allow Keras Lambda layers (runs Python code from the file)
 
 
 @dataclass
@@ -68,12 +72,27 @@ class ProfileResult:
     bundle: Path | None = None
     bundle_sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    refused: str = ""  # why the profile cannot take this source at all (nothing was built)
+
+    @property
+    def verdict(self) -> str:
+        if self.bundle:
+            return "bundle"
+        if self.refused:
+            return self.refused
+        why = "; ".join(f"{v.runtime}/{v.precision}: {v.reasons[0]}" for v in self.variants if v.reasons)
+        return "no variant passed the validation gate" + (f" ({why})" if why else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile.name, "runtime": f"{self.profile.runtime} "
-                f"{self.profile.runtime_version}", "objective": self.profile.objective,
+        rt = next((r for r in self.profile.runtimes if self.chosen and r.name == self.chosen.runtime),
+                  self.profile.primary)
+        return {"profile": self.profile.name, "runtime": f"{rt.name} {rt.version}",
+                "runtimes": [f"{r.name} {r.version}" for r in self.profile.runtimes],
+                "objective": self.profile.objective,
                 "chosen": self.chosen.precision if self.chosen else None,
+                "chosen_runtime": self.chosen.runtime if self.chosen else None,
                 "bundle": str(self.bundle) if self.bundle else None, "bundle_sha256": self.bundle_sha256,
+                "refused": self.refused, "verdict": self.verdict,
                 "notes": self.notes, "variants": [v.row() for v in self.variants]}
 
 
@@ -100,15 +119,48 @@ class BuildResult:
                 "profiles": [p.to_dict() for p in self.profiles]}
 
     def table(self) -> str:
-        return table([v for p in self.profiles for v in p.variants])
+        return table([v for p in self.profiles for v in p.variants],
+                     [(p.profile.name, p.refused) for p in self.profiles if p.refused])
+
+
+def model_name(path: Path) -> str:
+    """The file's stem, dots included (``ch_ppocr_mobile_v2.0_cls_infer.onnx`` keeps ``v2.0``), with
+    characters a bundle name cannot hold replaced by ``-``."""
+    stem = path.name if path.is_dir() else path.stem
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:64] or "model"
+    return name
+
+
+def check_name(name: str) -> str:
+    if not valid_name(name):
+        raise InputError(f"--name {name!r}: a model name is 1-64 characters of letters, digits, '.', '_' "
+                         f"and '-', starting with a letter or digit")
+    return name
+
+
+def runtimes_for(source: SourceModel, profile: Profile) -> tuple[list[Runtime], str]:
+    """The profile's runtimes this source can go to, or why none (ONNX is not converted to TFLite, a
+    .tflite file is bundled as it is)."""
+    have = ", ".join(f"{r.name} {r.version}" for r in profile.runtimes)
+    if source.kind == "onnx":
+        usable = [r for r in profile.runtimes if r.format == "onnx"]
+        no_ort = no_wheels("onnxruntime", profile.arch)
+        why = (f"{profile.name} has no ONNX Runtime ({have}){'; ' + no_ort if no_ort else ''}; an ONNX model "
+               f"runs only where onnxruntime is (edgeship does not convert ONNX to TFLite: give the Keras or "
+               f"SavedModel original)")
+    elif source.kind == "tflite":
+        usable = [r for r in profile.runtimes if r.format == "tflite"]
+        why = f"a .tflite model is bundled as it is, for TFLite runtimes only; {profile.name} has {have}"
+    else:
+        usable, why = list(profile.runtimes), ""
+    return usable, "" if usable else why
 
 
 def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildResult:
     progress("loading model")
-    source = load_source(opts.model)
-    name = opts.name or opts.model.stem.split(".")[0]
-    for profile in opts.profiles:
-        check_supported(source, profile)
+    source = load_source(opts.model, unsafe=opts.unsafe_deserialization)
+    name = check_name(opts.name) if opts.name else model_name(opts.model)
+    out_dir = opts.out_dir.resolve()  # the runtime worker runs in another folder
     val = load_dataset(opts.validation, source.inputs, "validation")
     notes: list[str] = []
     if opts.calibration:
@@ -148,49 +200,45 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                   **({"training_sha256": train.sha256} if train else {}),
                   "fine_tuning": {"prune": opts.prune, "qat": opts.qat,
                                   "epochs": opts.epochs if (opts.prune or opts.qat) else 0}}
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    measured: dict = {}  # one measurement per (file, runtime), shared by the profiles
     with tempfile.TemporaryDirectory(prefix="edgeship-build-") as tmp:
         work = Path(tmp)
         if opts.keep_variants:
-            work = opts.keep_variants
+            work = opts.keep_variants.resolve()
             work.mkdir(parents=True, exist_ok=True)
         bench_inputs = work / "bench_inputs.npz"
         bench_inputs.write_bytes(npz_bytes({s.name: a[:1] for s, a in zip(source.inputs, val.inputs)}))
         eval_inputs = work / "eval_inputs.npz"
         eval_inputs.write_bytes(npz_bytes({s.name: a for s, a in zip(source.inputs, val.inputs)}))
         for profile in opts.profiles:
-            ctx = _Ctx(opts, profile, source, calib, val, reference, work, bench_inputs, eval_inputs,
-                       progress, keras_model)
-            pr = ctx.run(factory)
+            usable, refused = runtimes_for(source, profile)
+            if refused:
+                progress(f"[{profile.name}] refused: {refused}")
+                results.append(ProfileResult(profile, [], refused=refused))
+                continue
+            pr = ProfileResult(profile, [])
+            for rt in usable:
+                ctx = _Ctx(opts, profile.only(rt), source, calib, val, reference, work, bench_inputs,
+                           eval_inputs, progress, keras_model, measured)
+                ctx.run(factory, pr)
+            _choose(pr, opts.variant)
             if pr.chosen is not None:
-                progress(f"[{profile.name}] signing bundle ({pr.chosen.precision})")
+                progress(f"[{profile.name}] signing bundle ({pr.chosen.runtime} {pr.chosen.precision})")
                 version = _reserve(opts, name, version, profile.name)
-                out = opts.out_dir / f"{name}-v{version}-{profile.name}.bundle"
-                try:
-                    model_bytes, extra = edgetpu.maybe_compile(pr.chosen, profile, work)
-                    pr.notes += extra
-                    write(out, name=name, version=version, profile=profile, variant=pr.chosen, key=opts.key,
-                          val_inputs=val.inputs, stats=stats, meta=opts.meta, provenance=provenance,
-                          golden_count=opts.golden_count, model_bytes=model_bytes)
-                    pr.bundle = out
-                    pr.bundle_sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
-                    if opts.registry:
-                        opts.registry.record(model=name, version=version, profile=profile.name,
-                                             variant=pr.chosen.precision, fmt=profile.format,
-                                             size_bytes=pr.chosen.size_bytes, bundle_path=str(out.resolve()),
-                                             bundle_sha256=pr.bundle_sha256, metrics=pr.to_dict())
-                except BaseException:
-                    pr.bundle = None
-                    out.unlink(missing_ok=True)  # no file may claim a version that was not registered
-                    if opts.registry:
-                        opts.registry.release(name, version, profile.name)
-                    raise
+                _bundle(pr, opts, out_dir / f"{name}-v{version}-{profile.name}.bundle", work, name=name,
+                        version=version, input_names=[s.name for s in source.inputs], val_inputs=val.inputs,
+                        stats=stats, provenance=provenance)
             results.append(pr)
     result = BuildResult(name, version, results, notes)
-    failed = [p.profile.name for p in results if p.chosen is None]
+    failed = [p for p in results if p.bundle is None]
     if failed:
-        raise BuildFailed(result, f"no variant passed the validation gate for: {', '.join(failed)}")
+        written = [p.profile.name for p in results if p.bundle is not None]
+        why = "; ".join(f"{p.profile.name}: {p.verdict}" for p in failed)
+        raise BuildFailed(result, f"no bundle for {len(failed)} of {len(results)} profile(s) ({why})"
+                          + (f"; bundles written for: {', '.join(written)}" if written else ""),
+                          partial=bool(written))
     return result
 
 
@@ -202,16 +250,43 @@ def _reserve(opts: BuildOptions, name: str, version: int | None, profile: str) -
     return opts.registry.reserve(name, profile, version or opts.version)
 
 
-def check_supported(source: Any, profile: Profile) -> None:
-    """Refuse source/profile pairs edgeship cannot convert, before any work is done."""
-    if source.kind == "onnx" and profile.format == "tflite":
-        no_onnx = no_wheels("onnxruntime", profile.arch)
-        raise ConversionError(f"{source.path}: an ONNX model cannot be converted to TFLite for "
-                              f"{profile.name}; give the Keras or SavedModel original"
-                              + (f" ({no_onnx})" if no_onnx else ", or target an onnxruntime profile"))
-    if source.kind == "tflite" and profile.format != "tflite":
-        raise ConversionError(f"{source.path}: a .tflite model can only be bundled for TFLite profiles, "
-                              f"not {profile.name} ({profile.runtime})")
+def _bundle(pr: ProfileResult, opts: BuildOptions, out: Path, work: Path, *, name: str, version: int,
+            **package: Any) -> None:
+    """Sign the chosen variant into ``out`` for the runtime it was built for, and record it. A failure
+    leaves no file claiming a version that was not registered, and releases the reservation."""
+    assert pr.chosen is not None
+    view = pr.profile.only(next(r for r in pr.profile.runtimes if r.name == pr.chosen.runtime))
+    try:
+        model_bytes, extra = edgetpu.maybe_compile(pr.chosen, view, work)
+        pr.notes += extra
+        write(out, name=name, version=version, profile=view, variant=pr.chosen, key=opts.key, meta=opts.meta,
+              golden_count=opts.golden_count, model_bytes=model_bytes, **package)
+        pr.bundle = out
+        pr.bundle_sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
+        if opts.registry:
+            opts.registry.record(model=name, version=version, profile=pr.profile.name,
+                                 variant=pr.chosen.precision, fmt=view.format, size_bytes=pr.chosen.size_bytes,
+                                 bundle_path=str(out), bundle_sha256=pr.bundle_sha256, metrics=pr.to_dict())
+    except BaseException:
+        pr.bundle = None
+        out.unlink(missing_ok=True)
+        if opts.registry:
+            opts.registry.release(name, version, pr.profile.name)
+        raise
+
+
+def _choose(pr: ProfileResult, pinned: str | None) -> None:
+    """Pick among every runtime's variants; ``pinned`` is a precision or RUNTIME/PRECISION."""
+    p = pr.profile
+    if not pinned:
+        pr.chosen = choose(pr.variants, p)
+        return
+    rt, _, precision = pinned.rpartition("/")
+    pool = [v for v in pr.variants if v.precision == precision and (not rt or v.runtime == rt)]
+    if not pool:
+        offered = sorted({f"{v.runtime}/{v.precision}" for v in pr.variants})
+        pr.notes.append(f"--variant {pinned}: not produced for this profile (produced: {', '.join(offered)})")
+    pr.chosen = choose(pool, p)
 
 
 @dataclass
@@ -227,53 +302,56 @@ class _Ctx:
     eval_inputs: Path
     progress: Progress
     keras_model: Any
+    measured: dict
 
     @property
     def runtime_python(self) -> str | None:
         p = self.profile
         return self.opts.runtime_pythons.get(f"{p.runtime}-{p.runtime_version}")
 
-    def run(self, factory: VariantFactory) -> ProfileResult:
+    def run(self, factory: VariantFactory, pr: ProfileResult) -> None:
+        """Build and measure the variants of this one-runtime view into ``pr``."""
         p = self.profile
-        pr = ProfileResult(p, [])
         if p.runtime == "tflite-runtime" and not self.runtime_python:
             pr.notes.append(f"{p.runtime} {p.runtime_version} is not installed on this host: variants "
                             f"were checked in LiteRT only (run `edgeship runtimes install {p.name}`)")
-        self.progress(f"[{p.name}] converting")
+        if self.source.kind == "tflite":
+            pr.notes.append("the reference is the .tflite file itself: its fidelity is 1 by construction, "
+                            "not a measurement (only that it loads and runs in the runtime is checked)")
+        self.progress(f"[{p.name}] converting for {p.runtime}")
+        variants = []
         for cand in factory.candidates(p):
-            v = VariantResult(p.name, cand.precision, None, notes=list(cand.notes))
-            pr.variants.append(v)
+            v = VariantResult(p.name, cand.precision, None, runtime=p.runtime, notes=list(cand.notes))
+            variants.append(v)
             if cand.data is None:
                 v.reasons.append(cand.error)
                 continue
             v.file = self.work / f"{p.name}-{cand.precision}{FORMATS[p.format]}"
             v.file.write_bytes(cand.data)
-            self.progress(f"[{p.name}] measuring {cand.precision}")
+            self.progress(f"[{p.name}] measuring {p.runtime} {cand.precision}")
             self._evaluate(v)
-        int8 = next((v for v in pr.variants if v.precision == "int8"), None)
-        if int8 is not None and accuracy_only_failure(int8) and self.opts.selective:
+        int8 = next((v for v in variants if v.precision == "int8"), None)
+        if int8 is not None and accuracy_only_failure(int8) and self.opts.selective and p.format == "tflite":
             if p.edgetpu:
                 pr.notes.append("full int8 failed accuracy; selective quantization is not possible "
                                 "on the Edge TPU (it runs integer ops only)")
             elif self.source.is_tf:
                 self.progress(f"[{p.name}] repairing int8 with selective quantization")
-                pr.variants.append(self._repair(int8))
-        pinned = self.opts.variant
-        if pinned and not any(v.precision == pinned for v in pr.variants):
-            pr.notes.append(f"--variant {pinned}: not produced for this profile "
-                            f"(accepted: {', '.join(p.precisions)})")
-        pool = [v for v in pr.variants if v.precision == pinned] if pinned else pr.variants
-        pr.chosen = choose(pool, p)
-        return pr
+                variants.append(self._repair(int8))
+        pr.variants += variants
 
     def _evaluate(self, v: VariantResult) -> VariantResult:
-        return evaluate(v, self.profile, self.eval_inputs, self.reference, self.val.labels,
-                        [s.name for s in self.source.outputs], self.bench_inputs, self.opts.latency,
-                        self.runtime_python, self.opts.min_reference_accuracy)
+        evaluate(v, self.profile, self.eval_inputs, self.reference, self.val.labels,
+                 [s.name for s in self.source.outputs], self.bench_inputs, self.opts.latency,
+                 self.runtime_python, self.measured, self.opts.min_reference_accuracy)
+        if self.source.kind == "tflite" and v.metrics:
+            v.metrics["reference"] = "self"
+        return v
 
     def _repair(self, int8: VariantResult) -> VariantResult:
         p = self.profile
-        v = VariantResult(p.name, "int8-selective", self.work / f"{p.name}-int8-selective.tflite")
+        v = VariantResult(p.name, "int8-selective", self.work / f"{p.name}-int8-selective.tflite",
+                          runtime=p.runtime)
         if p.format != "tflite":
             v.reasons.append("selective quantization is implemented for TFLite profiles")
             return v
@@ -283,10 +361,14 @@ class _Ctx:
         def accept(model: bytes) -> bool:
             assert v.file is not None
             v.file.write_bytes(model)
-            trials.append(self._evaluate(VariantResult(p.name, v.precision, v.file)))
+            trials.append(self._evaluate(VariantResult(p.name, v.precision, v.file, runtime=p.runtime)))
             return trials[-1].passed
 
-        found = selective.repair(self.source, self.calib.inputs, accept, keras_model=self.keras_model)
+        try:
+            found = selective.repair(self.source, self.calib.inputs, accept, keras_model=self.keras_model)
+        except ConversionError as exc:
+            v.reasons.append(str(exc))
+            return v
         if found is None:
             v.reasons.append("selective quantization could not recover accuracy with up to half the "
                              "ops in float")

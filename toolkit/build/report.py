@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.store import atomic_write
+from toolkit.build.gate import p95_text
 
 if TYPE_CHECKING:
     from toolkit.build.pipeline import BuildResult
@@ -23,7 +24,7 @@ def _plots(result: "BuildResult") -> str:
     rows = [v for p in result.profiles for v in p.variants if v.size_bytes]
     if not rows:
         return ""
-    labels = [f"{v.profile}\n{v.precision}" for v in rows]
+    labels = [f"{v.profile}\n{v.runtime} {v.precision}" for v in rows]
     colors = ["#2a9d8f" if v.chosen else "#8ab17d" if v.passed else "#e76f51" for v in rows]
     series = [("size (MB)", [v.size_bytes / 1e6 for v in rows]),
               ("host p50 latency (ms)", [v.latency.get("p50_ms", 0.0) for v in rows]),
@@ -52,23 +53,32 @@ def write_report(result: "BuildResult", path: Path) -> None:
     parts += [f"<p>note: {e(n)}</p>" for n in result.notes]
     for p in result.profiles:
         prof = p.profile
-        parts.append(f"<h2>{e(prof.name)}</h2><p>{e(prof.description)} — {e(prof.runtime)} "
-                     f"{e(prof.runtime_version)}, {prof.threads} threads, objective {e(prof.objective)}; "
+        runtimes = ", ".join(f"{r.name} {r.version}" for r in prof.runtimes)
+        parts.append(f"<h2>{e(prof.name)}</h2><p>{e(prof.description)} — {e(runtimes)}, "
+                     f"{prof.threads} threads, objective {e(prof.objective)}; "
                      f"budgets: {prof.max_model_mb:g} MB, {prof.max_ram_mb:g} MB RAM, "
                      f"p95 {prof.max_p95_ms:g} ms (host x{prof.device_slowdown:g})</p>")
-        parts.append("<table><tr><th>variant</th><th>size MB</th><th>accuracy</th><th>drop pts</th>"
-                     "<th>top-1 agree</th><th>SNR dB</th><th>init ms</th><th>p50 ms</th><th>p99 ms</th>"
-                     "<th>peak RSS MB</th><th>result</th></tr>")
+        if p.refused:
+            parts.append(f"<p class='fail'>refused: {e(p.refused)}</p>")
+            continue
+        parts.append("<table><tr><th>runtime</th><th>variant</th><th>size MB</th><th>accuracy</th>"
+                     "<th>drop pts</th><th>top-1 agree</th><th>SNR dB</th><th>int equal</th><th>init ms</th>"
+                     "<th>p50 ms</th><th>p95 ms (runs)</th><th>p99 ms</th><th>peak RSS MB</th><th>result</th></tr>")
         for v in p.variants:
             m, lat = v.metrics, v.latency
             f = lambda d, k, fmt: format(d[k], fmt) if k in d else "-"  # noqa: E731
             verdict = "chosen" if v.chosen else "pass" if v.passed else "; ".join(v.reasons)
+            if m.get("reference") == "self":
+                verdict += " — the reference is this .tflite file itself: fidelity 1 by construction"
             cls = "chosen" if v.chosen else "" if v.passed else "fail"
             parts.append(
-                f"<tr class='{cls}'><td>{e(v.precision)}</td><td>{v.size_bytes / 1e6:.3f}</td>"
+                f"<tr class='{cls}'><td>{e(v.runtime)}</td><td>{e(v.precision)}</td>"
+                f"<td>{v.size_bytes / 1e6:.3f}</td>"
                 f"<td>{f(m, 'accuracy', '.4f')}</td><td>{f(m, 'accuracy_drop_points', '.2f')}</td>"
                 f"<td>{f(m, 'top1_agreement', '.4f')}</td><td>{f(m, 'snr_db', '.1f')}</td>"
+                f"<td>{f(m, 'int_agreement', '.4f')}</td>"
                 f"<td>{f(lat, 'init_ms', '.1f')}</td><td>{f(lat, 'p50_ms', '.3f')}</td>"
+                f"<td>{e(p95_text(lat))}</td>"
                 f"<td>{f(lat, 'p99_ms', '.3f')}</td><td>{f(lat, 'peak_rss_mb', '.0f')}</td>"
                 f"<td>{e(verdict)}</td></tr>")
         parts.append("</table>")

@@ -27,6 +27,16 @@ class LayerError:
     nrmse: float
 
 
+def debug_dataset(source: SourceModel, calib: list[np.ndarray]):
+    """The QuantizationDebugger feeds each sample as a list in the converted model's input order (it
+    cannot take the signature-keyed dicts the converter takes): Keras models and one-input SavedModels."""
+    if source.kind == "savedmodel" and len(source.inputs) > 1:
+        raise ConversionError("selective quantization of a SavedModel with several inputs is not supported "
+                              "(give the Keras model)")
+    feeds = representative(source, calib)
+    return lambda: (list(f.values()) if isinstance(f, dict) else f for f in feeds())
+
+
 def rank_layers(source: SourceModel, calib: list[np.ndarray], keras_model: Any = None) -> list[LayerError]:
     tf = import_tf()
     conv = configure(converter_for(source, keras_model), "int8", source, calib, "float")
@@ -34,7 +44,7 @@ def rank_layers(source: SourceModel, calib: list[np.ndarray], keras_model: Any =
     opts = tf.lite.experimental.QuantizationDebugOptions(
         layer_direct_compare_metrics={"robust_nrmse": robust_nrmse})
     dbg = run_converter(lambda: tf.lite.experimental.QuantizationDebugger(
-        converter=conv, debug_dataset=representative(source, calib), debug_options=opts),
+        converter=conv, debug_dataset=debug_dataset(source, calib), debug_options=opts),
         "quantization debugger")
     run_converter(dbg.run, "quantization debugger run")
     buf = io.StringIO()
@@ -69,7 +79,7 @@ def build_selective(source: SourceModel, calib: list[np.ndarray], denylist: list
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=denylist)
     dbg = run_converter(lambda: tf.lite.experimental.QuantizationDebugger(
-        converter=conv, debug_dataset=representative(source, calib), debug_options=opts),
+        converter=conv, debug_dataset=debug_dataset(source, calib), debug_options=opts),
         "selective quantization")
     return run_converter(dbg.get_nondebug_quantized_model, "selective quantization")
 
