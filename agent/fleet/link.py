@@ -6,11 +6,9 @@ paho's callbacks run on its network thread and only enqueue; one worker thread d
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from agent.errors import ProtocolError
 from agent.fleet import delta
 from agent.fleet.desired import accept, count_attempt, failure, gave_up, load_state, pending, save_state
 from agent.fleet.mqtt import Broker, make_client
-from agent.fleet.protocol import Desired, device_topic, group_topic
+from agent.fleet.protocol import Desired, device_topic, encode, group_topic, presence_doc, reported_doc
 from agent.fleet.reporter import Reporter, TelemetryConfig
 from agent.fleet.transfer import Transfer
 from agent.keys import Keyring
@@ -34,8 +32,10 @@ class FleetLink:
         self.fleet, self.device, self.group = fleet, device_id, group
         self.q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.client = make_client(f"edgeship-{fleet}-{device_id}", broker)
-        self.client.will_set(device_topic(fleet, device_id, "presence"),
-                             json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
+        self.client.will_set(device_topic(fleet, device_id, "presence"), encode(presence_doc(False)), qos=1,
+                             retain=True)
+        self.desired_topics = {device_topic(fleet, device_id, "desired")} | (
+            {group_topic(fleet, group)} if group else set())
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, msg: self.q.put((msg.topic, msg.payload))
         self.transfer = Transfer(agent, self.client, fleet, agent.store.dir / "downloads", self._install)
@@ -57,8 +57,8 @@ class FleetLink:
     def stop(self) -> None:
         if self.reporter:
             self.reporter.stop()
-        info = self.client.publish(device_topic(self.fleet, self.device, "presence"),
-                                   json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
+        info = self.client.publish(device_topic(self.fleet, self.device, "presence"), encode(presence_doc(False)),
+                                   qos=1, retain=True)
         if self.client.is_connected():
             info.wait_for_publish(2.0)
         self.client.disconnect()
@@ -69,13 +69,9 @@ class FleetLink:
         if getattr(reason, "is_failure", False):
             log.warning("MQTT connect refused: %s", reason)
             return
-        presence = self.reporter.presence() if self.reporter else json.dumps(
-            {"v": 1, "type": "presence", "online": True, "t": time.time()})
+        presence = self.reporter.presence() if self.reporter else encode(presence_doc(True))
         client.publish(device_topic(self.fleet, self.device, "presence"), presence, qos=1, retain=True)
-        subs = [(device_topic(self.fleet, self.device, "desired"), 1)]
-        if self.group:
-            subs.append((group_topic(self.fleet, self.group), 1))
-        client.subscribe(subs)
+        client.subscribe([(t, 1) for t in sorted(self.desired_topics)])
         self.q.put(("$resume", b""))
         if self.reporter:
             self.reporter.wake()
@@ -89,7 +85,7 @@ class FleetLink:
                 if topic == "$resume":
                     self._report()
                     self._resume()
-                elif topic.endswith("/desired"):
+                elif topic in self.desired_topics:  # not another device's: amqtt sends more than we asked
                     self._on_desired(topic, payload)
                 elif topic.endswith("/index"):
                     self.transfer.on_index(topic, payload)
@@ -97,7 +93,7 @@ class FleetLink:
                     self.transfer.on_chunk(topic, payload)
             except ProtocolError as exc:
                 log.warning("ignored message: %s", exc)
-                if topic.endswith("/desired"):
+                if topic in self.desired_topics:
                     self._report(error=str(exc))
             except Exception:  # the link must survive anything a broker sends
                 log.exception("error handling %s", topic)
@@ -115,10 +111,10 @@ class FleetLink:
         accepted = accept(st, topic, payload, self.keyring, self.device, self.group)
         if accepted is None:
             return
-        d, doc = accepted
+        d, _ = accepted
         self._save(st)
-        if doc.get("rollback_to") is not None:
-            self._rollback(d, int(doc["rollback_to"]))
+        if d.rollback_to is not None:
+            self._rollback(d, d.rollback_to)
             return
         if st.get("installed_sha256") == d.sha256:
             self._report()
@@ -192,9 +188,7 @@ class FleetLink:
 
     def _report(self, error: str = "") -> None:
         cur, st = self.agent.current, self._load()
-        doc = {"v": 1, "type": "reported", "device": self.device, "group": self.group,
-               "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
-               "installed_sha256": st.get("installed_sha256"), "seq": st.get("seq", 0), "status": self.status,
-               "error": error or self.error, "transfer": self.last_transfer, "delta": delta.available(),
-               "t": time.time()}
-        self.client.publish(device_topic(self.fleet, self.device, "reported"), json.dumps(doc), qos=1, retain=True)
+        doc = reported_doc(self.device, self.group, cur.manifest.name if cur else None,
+                           cur.manifest.version if cur else None, st.get("installed_sha256"), st.get("seq", 0),
+                           self.status, error or self.error, self.last_transfer, delta.available())
+        self.client.publish(device_topic(self.fleet, self.device, "reported"), encode(doc), qos=1, retain=True)

@@ -29,6 +29,44 @@ DRIFT_SAMPLE = 1024  # input values looked at per request (strided)
 DRIFT_MIN_ROWS = 50  # requests' worth of data before a drift score is reported
 
 
+def bucket_edge(growth: float, min_ms: float, i: int) -> float:
+    """Upper edge (ms) of bucket ``i``: bucket 0 holds <= min_ms, bucket i (min_ms*g^(i-1), min_ms*g^i]."""
+    return float(f"{min_ms * growth ** i:.6g}")
+
+
+class Histogram:
+    """Log-bucket latency histograms merged (from one window or many records, of one device or many):
+    percentiles of the merged counts are percentiles of all the requests, unlike a mean of percentiles."""
+
+    def __init__(self) -> None:
+        self.by_edge: dict[float, int] = {}
+        self.count = 0
+
+    def add(self, growth: float, min_ms: float, counts: dict[int, int]) -> "Histogram":
+        for i, c in counts.items():
+            e = bucket_edge(growth, min_ms, int(i))
+            self.by_edge[e] = self.by_edge.get(e, 0) + c
+            self.count += c
+        return self
+
+    def add_doc(self, hist: dict[str, Any] | None) -> "Histogram":
+        """A record's ``inference.hist`` ({growth, min_ms, counts}); None adds nothing."""
+        if hist:
+            self.add(hist["growth"], hist["min_ms"], {int(k): v for k, v in hist["counts"].items()})
+        return self
+
+    def percentile(self, q: float) -> float | None:
+        """The upper edge of the bucket holding the q-th percentile request (within one bucket width)."""
+        if not self.count:
+            return None
+        need, acc = max(1, math.ceil(self.count * q / 100)), 0
+        for edge in sorted(self.by_edge):
+            acc += self.by_edge[edge]
+            if acc >= need:
+                return edge
+        return max(self.by_edge)
+
+
 class Window:
     """Inference count, errors and a latency histogram since the last snapshot."""
 
@@ -48,17 +86,17 @@ class Window:
             self.buckets[i] += 1
 
     def snapshot(self) -> dict[str, Any]:
+        """count, errors, p50/p95/p99 and the histogram itself, sparse ({bucket: count}), so that the host
+        can merge records and compute true percentiles over any set of them."""
         with self._lock:
             count, errors, b = self.count, self.errors, self.buckets
             self._reset()
+        counts = {i: c for i, c in enumerate(b) if c}
+        h = Histogram().add(_GROWTH, _MIN_MS, counts)
         out: dict[str, Any] = {"count": count, "errors": errors}
-        cum = np.cumsum(b)
         for q in (50, 95, 99):
-            if count:
-                i = int(np.searchsorted(cum, math.ceil(count * q / 100)))
-                out[f"p{q}_ms"] = round(_MIN_MS * _GROWTH ** i, 4)  # the bucket's upper edge
-            else:
-                out[f"p{q}_ms"] = None
+            out[f"p{q}_ms"] = h.percentile(q)
+        out["hist"] = {"growth": _GROWTH, "min_ms": _MIN_MS, "counts": {str(i): c for i, c in counts.items()}}
         return out
 
 
@@ -131,8 +169,10 @@ class Drift:
                 if ref is None or n == 0:
                     continue
                 ins.append({"name": ref[0], "psi": round(psi(ref[2], counts / n), 4),
-                            "mean_shift_std": round(abs(s / n - ref[3]) / ref[4], 3)})
-            outs = [{"name": name, "psi": round(psi(p, c / c.sum()), 4), "p": [round(x, 4) for x in c / c.sum()]}
+                            "mean_shift_std": round(abs(s / n - ref[3]) / ref[4], 3),
+                            "counts": [int(x) for x in counts], "ref_p": [float(x) for x in ref[2]]})
+            outs = [{"name": name, "psi": round(psi(p, c / c.sum()), 4), "p": [round(x, 4) for x in c / c.sum()],
+                     "counts": [int(x) for x in c]}
                     for (name, p), c in zip(self.outputs, self.out_counts) if c.sum()]
             rows = self.rows
             self._reset()
