@@ -125,12 +125,14 @@ def choose(results: list[VariantResult], profile: Profile) -> VariantResult | No
 
 
 def table(results: list[VariantResult]) -> str:
-    lines = [f"{'profile':<18} {'variant':<15} {'size MB':>8} {'acc/agree':>10} {'p50 ms':>8}  result"]
+    from toolkit.units import fmt_ms
+
+    lines = [f"{'profile':<18} {'variant':<15} {'size MB':>8} {'acc/agree':>10} {'p50':>9}  result"]
     for r in results:
         acc = r.metrics.get("accuracy", r.metrics.get("top1_agreement"))
         p50 = r.latency.get("p50_ms")
         verdict = "CHOSEN" if r.chosen else "pass" if r.passed else "FAIL: " + "; ".join(r.reasons)
         lines.append(f"{r.profile:<18} {r.precision:<15} {r.size_bytes / 1e6:>8.3f} "
                      f"{'-' if acc is None else f'{acc:.4f}':>10} "
-                     f"{'-' if p50 is None else f'{p50:.3f}':>8}  {verdict}")
+                     f"{fmt_ms(p50):>9}  {verdict}")
     return "\n".join(lines)
