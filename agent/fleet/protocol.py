@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from agent.errors import AgentError, ProtocolError
+from agent.fleet.fields import Fields, is_sha
 from agent.keys import Keyring
 from agent.manifest import canonical_json
 
@@ -40,7 +41,6 @@ TRANSFER_MODES = ("full", "delta", "url")
 MAX_TENSORS = 64  # inputs / outputs described in one telemetry record
 MAX_CLASSES = 1000  # classes of a classifier output (as in the bundle's output_stats)
 MAX_BINS = 64  # drift bins of one input
-MAX_TEXT = 1000  # error texts are cut here
 
 
 # ---------------------------------------------------------------- topics
@@ -113,105 +113,6 @@ def parse_message(payload: bytes, topic: str, keyring: Keyring | None = None,
     return doc
 
 
-class _Doc:
-    """Typed, bounded reads of one message's fields; errors name the topic and the field."""
-
-    _MISSING = object()
-
-    def __init__(self, doc: Any, where: str):
-        if not isinstance(doc, dict):
-            raise ProtocolError(f"{where}: expected an object")
-        self.doc, self.where = doc, where
-
-    def _get(self, key: str, default: Any) -> Any:
-        if key in self.doc and self.doc[key] is not None:
-            return self.doc[key]
-        if default is self._MISSING:
-            raise ProtocolError(f"{self.where}: {key} is missing")
-        return default
-
-    def _bad(self, key: str, what: str) -> ProtocolError:
-        return ProtocolError(f"{self.where}: {key} must be {what}, got {self.doc.get(key)!r:.60}")
-
-    def str(self, key: str, default: Any = _MISSING, max_len: int = 200) -> Any:
-        x = self._get(key, default)
-        if x is default and default is not self._MISSING:
-            return x
-        if not isinstance(x, str) or len(x) > max_len:
-            raise self._bad(key, f"a string of at most {max_len} characters")
-        return x
-
-    def text(self, key: str) -> str:
-        """Free text (errors): any string, cut at MAX_TEXT."""
-        x = self._get(key, "")
-        if not isinstance(x, str):
-            raise self._bad(key, "a string")
-        return x[:MAX_TEXT]
-
-    def int(self, key: str, lo: int = 0, hi: int = 2**62, default: Any = _MISSING) -> Any:
-        x = self._get(key, default)
-        if x is default and default is not self._MISSING:
-            return x
-        if not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi:
-            raise self._bad(key, f"an integer in [{lo}, {hi}]")
-        return x
-
-    def num(self, key: str, default: Any = _MISSING, lo: float = -1e18, hi: float = 1e18) -> Any:
-        x = self._get(key, default)
-        if x is default and default is not self._MISSING:
-            return x
-        if (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)
-                or not lo <= x <= hi):
-            raise self._bad(key, f"a number in [{lo:g}, {hi:g}]")
-        return float(x)
-
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
-        x = self._get(key, default)
-        if not isinstance(x, bool):
-            raise self._bad(key, "true or false")
-        return x
-
-    def sha(self, key: str, default: Any = _MISSING) -> Any:
-        x = self._get(key, default)
-        if x is default and default is not self._MISSING:
-            return x
-        if not _is_sha(x):
-            raise self._bad(key, "a SHA-256 hex digest")
-        return x
-
-    def sub(self, key: str) -> "_Doc | None":
-        x = self._get(key, None)
-        return None if x is None else _Doc(x, f"{self.where}: {key}")
-
-    def items(self, key: str, max_len: int) -> list["_Doc"]:
-        x = self._get(key, [])
-        if not isinstance(x, list) or len(x) > max_len:
-            raise self._bad(key, f"a list of at most {max_len} objects")
-        return [_Doc(v, f"{self.where}: {key}[{i}]") for i, v in enumerate(x)]
-
-    def ints(self, key: str, max_len: int, default: Any = _MISSING) -> Any:
-        x = self._get(key, default)
-        if x is default and default is not self._MISSING:
-            return x
-        if (not isinstance(x, list) or len(x) > max_len
-                or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**53 for c in x)):
-            raise self._bad(key, f"a list of at most {max_len} non-negative integers")
-        return x
-
-    def nums(self, key: str, max_len: int, default: Any = _MISSING) -> Any:
-        x = self._get(key, default)
-        if x is default and default is not self._MISSING:
-            return x
-        if (not isinstance(x, list) or len(x) > max_len or not all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in x)):
-            raise self._bad(key, f"a list of at most {max_len} numbers")
-        return [float(c) for c in x]
-
-
-def _is_sha(x: Any) -> bool:
-    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
-
-
 # ---------------------------------------------------------------- desired
 @dataclass(frozen=True)
 class Desired:
@@ -229,7 +130,7 @@ class Desired:
     @classmethod
     def from_doc(cls, doc: dict[str, Any], topic: str) -> "Desired":
         """From a verified desired-state document (a message, or the copy in the device's fleet state)."""
-        f = _Doc(doc, topic)
+        f = Fields(doc, topic)
         target = f.str("target", "")
         if target and not target.startswith(("device:", "group:")):
             raise ProtocolError(f"{topic}: target must be device:ID or group:NAME, got {target!r:.60}")
@@ -290,13 +191,13 @@ def index_doc(data: bytes, chunk_size: int = CHUNK_SIZE, deltas: list[str] | Non
 
 
 def parse_index(payload: bytes, topic: str) -> Index:
-    f = _Doc(parse_message(payload, topic, expect_type="index"), topic)
+    f = Fields(parse_message(payload, topic, expect_type="index"), topic)
     size, cs = f.int("size", 0), f.int("chunk_size", 1, MAX_CHUNK_SIZE)
-    chunks = f._get("chunks", [])
-    if not isinstance(chunks, list) or len(chunks) != -(-size // cs) or not all(_is_sha(c) for c in chunks):
+    chunks = f.raw("chunks", [])
+    if not isinstance(chunks, list) or len(chunks) != -(-size // cs) or not all(is_sha(c) for c in chunks):
         raise ProtocolError(f"{topic}: malformed chunk list (expected {-(-size // cs)} SHA-256 digests)")
-    deltas = f._get("deltas", [])
-    if not isinstance(deltas, list) or len(deltas) > 64 or not all(_is_sha(d) for d in deltas):
+    deltas = f.raw("deltas", [])
+    if not isinstance(deltas, list) or len(deltas) > 64 or not all(is_sha(d) for d in deltas):
         raise ProtocolError(f"{topic}: deltas must be a list of SHA-256 digests")
     patch = None
     if (m := f.sub("delta")) is not None:
@@ -333,7 +234,7 @@ def reported_doc(device: str, group: str, model: str | None, version: int | None
 
 def parse_reported(payload: bytes, topic: str, device: str) -> Reported:
     """``device``: the one the topic names (a report about another device is refused)."""
-    f = _Doc(parse_message(payload, topic, expect_type="reported"), topic)
+    f = Fields(parse_message(payload, topic, expect_type="reported"), topic)
     if f.str("device") != device:
         raise ProtocolError(f"{topic}: report names device {f.doc['device']!r:.60}")
     status = f.str("status")
@@ -367,7 +268,7 @@ def presence_doc(online: bool, heartbeat_s: float | None = None) -> dict[str, An
 
 
 def parse_presence(payload: bytes, topic: str) -> Presence:
-    f = _Doc(parse_message(payload, topic, expect_type="presence"), topic)
+    f = Fields(parse_message(payload, topic, expect_type="presence"), topic)
     return Presence(f.bool("online"), f.num("t", None, 0), f.num("heartbeat_s", None, 0, 1e9))
 
 
@@ -426,17 +327,17 @@ SYSTEM_FIELDS = ("cpu_percent", "rss_bytes", "cpu_temp_c", "disk_free_bytes", "u
 
 
 def parse_telemetry(payload: bytes, topic: str, device: str) -> Telemetry:
-    f = _Doc(parse_message(payload, topic, expect_type="telemetry"), topic)
+    f = Fields(parse_message(payload, topic, expect_type="telemetry"), topic)
     if f.str("device", device) != device:
         raise ProtocolError(f"{topic}: record names device {f.doc['device']!r:.60}")
-    inf = f.sub("inference") or _Doc({}, f"{topic}: inference")
+    inf = f.sub("inference") or Fields({}, f"{topic}: inference")
     count = inf.int("count", 0, 2**53, 0)
     errors = inf.int("errors", 0, count, 0)
     hist = None
     if (h := inf.sub("hist")) is not None:
         hist = _histogram(h, count)
-    sysd = f.sub("system") or _Doc({}, f"{topic}: system")
-    upd = f.sub("update") or _Doc({}, f"{topic}: update")
+    sysd = f.sub("system") or Fields({}, f"{topic}: system")
+    upd = f.sub("update") or Fields({}, f"{topic}: update")
     return Telemetry(device, f.int("seq", 1), f.int("dropped", 0, default=0), f.str("group", ""),
                      f.num("t", None, 0), f.num("interval_s", None, 0, 1e9), f.str("model", None),
                      f.int("version", default=None), count, errors, inf.num("p50_ms", None, 0),
@@ -445,23 +346,20 @@ def parse_telemetry(payload: bytes, topic: str, device: str) -> Telemetry:
                      {"status": upd.str("status", ""), "error": upd.text("error")})
 
 
-def _histogram(h: _Doc, count: int) -> dict[str, Any]:
+def _histogram(h: Fields, count: int) -> dict[str, Any]:
     growth, min_ms = h.num("growth", lo=1.0001, hi=10.0), h.num("min_ms", lo=1e-9, hi=1e6)
-    raw = h._get("counts", {})
-    if not isinstance(raw, dict) or len(raw) > 10_000:
+    raw = h.raw("counts", {})
+    if type(raw) is not dict or len(raw) > 10_000:
         raise ProtocolError(f"{h.where}: counts must be an object of at most 10000 buckets")
-    counts: dict[int, int] = {}
-    for k, c in raw.items():
-        if not (isinstance(k, str) and k.isdigit() and int(k) < 100_000 and isinstance(c, int)
-                and not isinstance(c, bool) and c > 0):
-            raise ProtocolError(f"{h.where}: counts must map bucket numbers to positive counts")
-        counts[int(k)] = c
-    if sum(counts.values()) != count:
-        raise ProtocolError(f"{h.where}: bucket counts add up to {sum(counts.values())}, not count {count}")
-    return {"growth": growth, "min_ms": min_ms, "counts": counts}
+    if raw and not ("".join(raw).isdigit() and max(map(len, raw)) <= 5 and set(map(type, raw.values())) == {int}
+                    and min(raw.values()) > 0):  # (C-level checks: this runs for every record the host stores)
+        raise ProtocolError(f"{h.where}: counts must map bucket numbers to positive counts")
+    if sum(raw.values()) != count:
+        raise ProtocolError(f"{h.where}: bucket counts add up to {sum(raw.values())}, not count {count}")
+    return {"growth": growth, "min_ms": min_ms, "counts": raw}  # {"bucket": count}, as sent
 
 
-def _drift(d: _Doc | None) -> dict[str, Any] | None:
+def _drift(d: Fields | None) -> dict[str, Any] | None:
     if d is None:
         return None
     inputs = []

@@ -7,6 +7,7 @@ the input values binned against the manifest's reference bins.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -29,6 +30,7 @@ DRIFT_SAMPLE = 1024  # input values looked at per request (strided)
 DRIFT_MIN_ROWS = 50  # requests' worth of data before a drift score is reported
 
 
+@functools.lru_cache(maxsize=4096)
 def bucket_edge(growth: float, min_ms: float, i: int) -> float:
     """Upper edge (ms) of bucket ``i``: bucket 0 holds <= min_ms, bucket i (min_ms*g^(i-1), min_ms*g^i]."""
     return float(f"{min_ms * growth ** i:.6g}")
@@ -36,35 +38,40 @@ def bucket_edge(growth: float, min_ms: float, i: int) -> float:
 
 class Histogram:
     """Log-bucket latency histograms merged (from one window or many records, of one device or many):
-    percentiles of the merged counts are percentiles of all the requests, unlike a mean of percentiles."""
+    percentiles of the merged counts are percentiles of all the requests, unlike a mean of percentiles.
+    Records with other bucket parameters merge too (each bucket counts at its upper edge)."""
 
     def __init__(self) -> None:
-        self.by_edge: dict[float, int] = {}
+        self._raw: dict[tuple[float, float], dict[Any, int]] = {}  # (growth, min_ms) -> {bucket: count}
         self.count = 0
 
-    def add(self, growth: float, min_ms: float, counts: dict[int, int]) -> "Histogram":
-        for i, c in counts.items():
-            e = bucket_edge(growth, min_ms, int(i))
-            self.by_edge[e] = self.by_edge.get(e, 0) + c
-            self.count += c
+    def add(self, growth: float, min_ms: float, counts: dict[Any, int]) -> "Histogram":
+        """``counts``: {bucket number (int or its decimal string): requests}."""
+        mine = self._raw.setdefault((growth, min_ms), {})
+        for k, c in counts.items():
+            mine[k] = mine.get(k, 0) + c
+        self.count += sum(counts.values())
         return self
 
     def add_doc(self, hist: dict[str, Any] | None) -> "Histogram":
         """A record's ``inference.hist`` ({growth, min_ms, counts}); None adds nothing."""
-        if hist:
-            self.add(hist["growth"], hist["min_ms"], {int(k): v for k, v in hist["counts"].items()})
-        return self
+        return self.add(hist["growth"], hist["min_ms"], hist["counts"]) if hist else self
 
     def percentile(self, q: float) -> float | None:
         """The upper edge of the bucket holding the q-th percentile request (within one bucket width)."""
         if not self.count:
             return None
+        by_edge: dict[float, int] = {}
+        for (g, m), counts in self._raw.items():
+            for k, c in counts.items():
+                e = bucket_edge(g, m, int(k))
+                by_edge[e] = by_edge.get(e, 0) + c
         need, acc = max(1, math.ceil(self.count * q / 100)), 0
-        for edge in sorted(self.by_edge):
-            acc += self.by_edge[edge]
+        for edge in sorted(by_edge):
+            acc += by_edge[edge]
             if acc >= need:
                 return edge
-        return max(self.by_edge)
+        return max(by_edge)
 
 
 class Window:

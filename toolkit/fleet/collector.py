@@ -85,7 +85,7 @@ def parse(fleet: str, topic: str, payload: bytes, now: float | None = None) -> t
                              r.p50_ms, r.p95_ms, r.p99_ms, sysd["cpu_percent"], sysd["rss_bytes"],
                              sysd["cpu_temp_c"], sysd["disk_free_bytes"], sysd["uptime_s"],
                              int(bool(drift.get("flag"))), drift.get("max_psi"), r.dropped, payload.decode(),
-                             json.dumps(r.hist) if r.hist else None, json.dumps(dist) if dist else None)
+                             _compact(r.hist), _compact(dist))
     if kind == "presence":
         p = parse_presence(payload, topic)
         t = p.t or now
@@ -95,6 +95,10 @@ def parse(fleet: str, topic: str, payload: bytes, now: float | None = None) -> t
     seen = min(t, now)  # the device's clock, but never in the future (a retained message keeps its age)
     return "reported", (device, rep.group, rep.model, rep.version, rep.status, rep.error[:500], rep.installed_sha256,
                         t, seen)
+
+
+def _compact(doc: dict[str, Any] | None) -> str | None:
+    return json.dumps(doc, separators=(",", ":")) if doc else None
 
 
 SQL = {
