@@ -149,6 +149,12 @@ def test_demo_runs_end_to_end(tmp_path):
     http_acc = [float(line.rsplit("accuracy ", 1)[1]) for line in out.splitlines() if "http://" in line and "digits, accuracy" in line]
     assert len(http_acc) == 4 and min(http_acc) > 0.95
     assert (tmp_path / "home" / "demo" / "fleet-report.html").is_file()
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "home" / "demo" / "fleet" / "fleet.db")
+    first = sorted(t for _, t in db.execute("SELECT device, MIN(t) FROM telemetry WHERE version = 1 GROUP BY device"))
+    db.close()
+    assert len(first) == 4 and first[1] - first[0] >= 2.0, first  # the canary ran v1 alone for seconds: visible
     import subprocess
 
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "home" / "demo" / "fleet")], capture_output=True, text=True)
