@@ -9,7 +9,6 @@ topics, which are idempotent upserts.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import sqlite3
@@ -32,7 +31,7 @@ CREATE TABLE IF NOT EXISTS telemetry (
     device TEXT NOT NULL, seq INTEGER NOT NULL, t REAL, received REAL, grp TEXT, model TEXT, version INTEGER,
     count INTEGER, errors INTEGER, p50_ms REAL, p95_ms REAL, p99_ms REAL, cpu_percent REAL, rss_bytes INTEGER,
     cpu_temp_c REAL, disk_free_bytes INTEGER, uptime_s REAL, drift_flag INTEGER, max_psi REAL, dropped INTEGER,
-    doc TEXT, hist TEXT, dist TEXT, PRIMARY KEY (device, seq)
+    doc TEXT, PRIMARY KEY (device, seq)
 );
 CREATE INDEX IF NOT EXISTS telemetry_t ON telemetry (t);
 CREATE TABLE IF NOT EXISTS devices (
@@ -41,10 +40,9 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE TABLE IF NOT EXISTS rejected (t REAL, topic TEXT, reason TEXT);
 """
-ADDED_COLUMNS = {"hist": "TEXT", "dist": "TEXT"}  # columns newer than the first schema: added to old databases
 TELEMETRY_COLUMNS = ("device", "seq", "t", "received", "grp", "model", "version", "count", "errors", "p50_ms",
                      "p95_ms", "p99_ms", "cpu_percent", "rss_bytes", "cpu_temp_c", "disk_free_bytes", "uptime_s",
-                     "drift_flag", "max_psi", "dropped", "doc", "hist", "dist")
+                     "drift_flag", "max_psi", "dropped", "doc")
 
 
 def open_db(path: Path, must_exist: bool = False) -> sqlite3.Connection:
@@ -58,10 +56,6 @@ def open_db(path: Path, must_exist: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
-        have = {r[1] for r in db.execute("PRAGMA table_info(telemetry)")}
-        for col, kind in ADDED_COLUMNS.items():
-            if col not in have:
-                db.execute(f"ALTER TABLE telemetry ADD COLUMN {col} {kind}")
     except (sqlite3.Error, OSError) as exc:
         raise ToolkitError(f"{path}: cannot open the fleet database ({exc})") from exc
     db.row_factory = sqlite3.Row
@@ -76,16 +70,13 @@ def parse(fleet: str, topic: str, payload: bytes, now: float | None = None) -> t
         return None  # not ours (amqtt delivers retained messages outside the filters), or cleared
     device, kind = where
     now = time.time() if now is None else now
-    if kind == "telemetry":
+    if kind == "telemetry":  # checked here, once: the histogram and drift counts are read from doc (stats.py)
         r = parse_telemetry(payload, topic, device)
         drift, sysd = r.drift or {}, r.system
-        dist = {"in": [[x["name"], x["counts"], x["ref_p"]] for x in drift.get("inputs", []) if x["counts"]],
-                "out": [[y["name"], y["counts"]] for y in drift.get("outputs", []) if y["counts"]]} if drift else None
         return "telemetry", (device, r.seq, r.t or now, now, r.group, r.model, r.version, r.count, r.errors,
                              r.p50_ms, r.p95_ms, r.p99_ms, sysd["cpu_percent"], sysd["rss_bytes"],
                              sysd["cpu_temp_c"], sysd["disk_free_bytes"], sysd["uptime_s"],
-                             int(bool(drift.get("flag"))), drift.get("max_psi"), r.dropped, payload.decode(),
-                             _compact(r.hist), _compact(dist))
+                             int(bool(drift.get("flag"))), drift.get("max_psi"), r.dropped, payload.decode())
     if kind == "presence":
         p = parse_presence(payload, topic)
         t = p.t or now
@@ -95,10 +86,6 @@ def parse(fleet: str, topic: str, payload: bytes, now: float | None = None) -> t
     seen = min(t, now)  # the device's clock, but never in the future (a retained message keeps its age)
     return "reported", (device, rep.group, rep.model, rep.version, rep.status, rep.error[:500], rep.installed_sha256,
                         t, seen)
-
-
-def _compact(doc: dict[str, Any] | None) -> str | None:
-    return json.dumps(doc, separators=(",", ":")) if doc else None
 
 
 SQL = {

@@ -58,8 +58,8 @@ def plots(tele: list[Any]) -> Any:
     for k, v in enumerate(versions):
         hists = [Histogram() for _ in range(n)]
         for i, r in enumerate(tele):
-            if labels[i] == v and r["hist"]:
-                hists[which[i]].add_doc(json.loads(r["hist"]))
+            if labels[i] == v and r["count"]:
+                hists[which[i]].add_doc(json.loads(r["doc"]).get("inference", {}).get("hist"))
         xs = [edges[b] + width / 2 for b in range(n) if hists[b].count]
         ys = [hists[b].percentile(95) for b in range(n) if hists[b].count]
         drawn += ys

@@ -46,22 +46,23 @@ class Stats:
         return max(scores) if scores else None
 
     def add(self, row: sqlite3.Row) -> None:
+        """One stored record (its ``doc`` was checked by the protocol's parser when the collector stored it)."""
         self.records += 1
         self.requests += row["count"] or 0
         self.errors += row["errors"] or 0
         self.dropped = max(self.dropped, row["dropped"] or 0)
-        if row["hist"]:
-            self.latency.add_doc(json.loads(row["hist"]))
         if row["max_psi"] is not None:
             self.max_psi = max(self.max_psi or 0.0, row["max_psi"])
             self.drift_flag |= bool(row["drift_flag"])
-        if row["dist"]:
-            dist = json.loads(row["dist"])
-            for name, counts in dist.get("out", []):
-                _merge(self.classes, name, counts)
-            for name, counts, ref in dist.get("in", []):
-                if ref is not None:
-                    _merge(self.inputs, (name, tuple(ref)), counts)
+        doc = json.loads(row["doc"]) if row["doc"] else {}
+        self.latency.add_doc((doc.get("inference") or {}).get("hist"))
+        drift = doc.get("drift") or {}
+        for y in drift.get("outputs") or []:
+            if y.get("counts"):
+                _merge(self.classes, y["name"], y["counts"])
+        for x in drift.get("inputs") or []:
+            if x.get("counts") and x.get("ref_p"):
+                _merge(self.inputs, (x["name"], tuple(x["ref_p"])), x["counts"])
 
 
 def _merge(into: dict[Any, np.ndarray], key: Any, counts: list[int]) -> None:
@@ -77,7 +78,7 @@ def _merge(into: dict[Any, np.ndarray], key: Any, counts: list[int]) -> None:
 def query(db: sqlite3.Connection, where: str, args: list[Any]) -> Stats:
     """Stats over the telemetry rows matching ``where``."""
     s = Stats()
-    for row in db.execute("SELECT count, errors, dropped, hist, max_psi, drift_flag, dist FROM telemetry "
+    for row in db.execute("SELECT count, errors, dropped, max_psi, drift_flag, doc FROM telemetry "
                           f"WHERE {where}", args):
         s.add(row)
     return s

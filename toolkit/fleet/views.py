@@ -79,7 +79,7 @@ def write_report(db_path: Path, out: Path, window: float = 3600, now: float | No
     db = open_db(db_path, must_exist=True)
     try:
         rows = status(db, window, now)
-        tele = db.execute("SELECT device, t, model, version, count, errors, hist, max_psi, drift_flag "
+        tele = db.execute("SELECT device, t, model, version, count, errors, doc, max_psi, drift_flag "
                           "FROM telemetry WHERE t >= ? ORDER BY t", (now - window,)).fetchall()
     finally:
         db.close()
