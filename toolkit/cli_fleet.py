@@ -143,9 +143,10 @@ def _show(r: dict[str, Any]) -> None:
 @click.option("--observe", default=0.0, show_default=True,
               help="Seconds of telemetry to watch after a wave installs (0: install results only).")
 @click.option("--max-error-increase", default=0.02, show_default=True,
-              help="Halt when the wave's error rate exceeds the replaced version's by more than this.")
+              help="Halt when the wave's error rate exceeds the control's (same model and group on the replaced "
+                   "version) by more than this.")
 @click.option("--max-p95-increase", default=0.25, show_default=True,
-              help="Halt when the wave's p95 latency exceeds the replaced version's by more than this fraction.")
+              help="Halt when the wave's p95 latency exceeds the control's by more than this fraction.")
 @click.option("--max-class-psi", default=0.25, show_default=True,
               help="Halt when the wave's predicted-class distribution differs from the control's by more than "
                    "this PSI.")
