@@ -14,6 +14,7 @@ from agent.fleet.protocol import device_topic
 from agent.serve.service import Agent
 from fleethelp import Hand, LogWatch, Watcher, needs_mosquitto, start_agent, wait_for
 from toolkit.fleet.publish import publish
+from toolkit.fleet.rollout import Thresholds
 
 pytestmark = needs_mosquitto
 
@@ -307,7 +308,7 @@ def _baseline(db_path, devices, version=1, requests=100):
     return wait_for(enough, 30, 0.2)
 
 
-def _observed_rollout(tmp_path, broker, keyring, signing_key, v1, v2, names, feed):
+def _observed_rollout(tmp_path, broker, keyring, signing_key, v1, v2, names, feed, thresholds=Thresholds()):
     """Agents with telemetry on v1 under steady traffic, a collector running as a service, a baseline in its
     database; then a rollout of ``v2`` with a canary of one and a 3 s observation window. Returns the rollout
     once it ended, after checking that a halted canary is back on v1."""
@@ -326,7 +327,7 @@ def _observed_rollout(tmp_path, broker, keyring, signing_key, v1, v2, names, fee
         assert _baseline(tmp_path / "fleet.db", names)
         ro = _rollouts(tmp_path, broker, signing_key)
         ro.fleet_db = tmp_path / "fleet.db"
-        r = ro.start(v2, "obs", canary_pct=33, timeout=60, observe=3.0)
+        r = ro.start(v2, "obs", canary_pct=33, timeout=60, observe=3.0, thresholds=thresholds)
         if r["state"] == "halted":
             assert len(r["plan"]["waves"][0]) == 1 and len(r["plan"]["waves"]) == 2
             assert r["plan"]["results"][r["plan"]["waves"][0][0]] == "rolled-back"
@@ -372,8 +373,10 @@ def test_canary_that_answers_differently_halts_though_not_slower_nor_failing(
 
     with np.load(digits["validation"]) as v:
         skewed = v["image"].astype(np.float32)[v["y"] < 4]
+    # sub-millisecond p95s jitter by more than 25% on a busy machine: this test is about the class verdict
     r = _observed_rollout(tmp_path, broker, keyring, signing_key, fleet_bundles["v1"], retrained_v2,
-                          ("q-a", "q-b", "q-c"), lambda a, i: skewed[i % (len(skewed) - 2):][:2])
+                          ("q-a", "q-b", "q-c"), lambda a, i: skewed[i % (len(skewed) - 2):][:2],
+                          Thresholds(max_p95_increase=10.0))
     assert r["state"] == "halted" and "predicted classes" in r["error"], r
     db = open_db(tmp_path / "fleet.db")  # the canary on v2 was neither slower nor failing
     (n, errs), = db.execute("SELECT SUM(count), SUM(errors) FROM telemetry WHERE version = 2").fetchall()
