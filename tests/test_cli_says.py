@@ -96,13 +96,13 @@ def test_native_log_lines_stay_out_of_the_output(tmp_path, digits, fleet_bundles
     XNNPACK delegate` on its first model: the CLI's output (both streams) has only its own lines."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("EDGESHIP_DEBUG", None)
-    bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"not a zip")
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a model")
     home = tmp_path / "h"
-    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "--home", str(home), "build", str(digits["model"]),
-                           "-p", "rpi4-arm64", "--validation", str(bad)], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300)
-    assert proc.returncode == 1 and "bad.npz" in proc.stderr, proc.stderr  # TensorFlow loaded the model first
+    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "--home", str(home), "build", str(bad),
+                           "-p", "rpi4-arm64", "--validation", str(digits["validation"])], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1 and "cannot load as keras model" in proc.stderr, proc.stderr  # after TF's import
     assert not [n for n in NATIVE_NOISE if n in proc.stdout + proc.stderr], proc.stderr
     proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "--home", str(home), "bundle", "verify",
                            str(fleet_bundles["v1"]), "--keyring", str(settings.keyring_path)],
