@@ -68,7 +68,7 @@ def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, by
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in entries:
             tar.addfile(_canonical_info(name, len(data)), io.BytesIO(data))
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue(), public=True)  # a bundle is signed, not secret
     return parsed
 
 

@@ -59,7 +59,8 @@ def verify(bundle: Path, keyring: Path) -> None:
 
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Trusted .pub file or folder of them.")
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npy array, .npz keyed by input name, or .json (list or {name: list}).")
 def predict(bundle: Path, keyring: Path, input_path: Path) -> None:
@@ -131,11 +132,11 @@ _state_opts = [
                  help="Agent state folder (slots and state.json)."),
     click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path),
                  help="Trusted .pub file or folder of them."),
-    click.option("--arch", envvar="EDGESHIP_AGENT_ARCH",
-                 help="Device architecture [env EDGESHIP_AGENT_ARCH; default: this machine's]."),
-    click.option("--threads", type=int, help="Inference threads [default: from the manifest]."),
-    click.option("--profile", envvar="EDGESHIP_AGENT_PROFILE",
-                 help="Refuse bundles built for another device profile [env EDGESHIP_AGENT_PROFILE]."),
+    click.option("--arch", envvar="EDGESHIP_AGENT_ARCH", show_envvar=True, show_default="this machine's",
+                 help="Device architecture."),
+    click.option("--threads", type=int, show_default="the manifest's", help="Inference threads."),
+    click.option("--profile", envvar="EDGESHIP_AGENT_PROFILE", show_envvar=True,
+                 help="Refuse bundles built for another device profile."),
 ]
 
 
@@ -151,7 +152,7 @@ def state_options(fn: Any) -> Any:
 @click.option("--allow-downgrade", is_flag=True, help="Accept a lower version (explicit rollback).")
 @click.option("--allow-model-change", is_flag=True,
               help="Accept a bundle of another model name than the one served (replaces it).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def install(bundle: Path, state_dir: Path, keyring: Path, arch: str | None, threads: int | None,
             profile: str | None, allow_downgrade: bool, allow_model_change: bool, as_json: bool) -> None:
     """Verify and install BUNDLE crash-safely; the previous version is kept for rollback.
@@ -197,10 +198,12 @@ def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="agent.toml (see docs/agent.md).")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--keyring", type=click.Path(path_type=Path))
-@click.option("--host", "http_host", help="HTTP bind address [default 127.0.0.1].")
-@click.option("--port", "http_port", type=int, help="HTTP port [default 8080; 0 = any free port].")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), show_default="[agent] state_dir",
+              help="Agent state folder (overrides the config file).")
+@click.option("--keyring", type=click.Path(path_type=Path), show_default="[agent] keyring",
+              help="Trusted .pub file or folder of them (overrides the config file).")
+@click.option("--host", "http_host", show_default="127.0.0.1", help="HTTP bind address.")
+@click.option("--port", "http_port", type=int, show_default="8080", help="HTTP port (0: any free port).")
 @click.option("--install", "install_bundle", type=click.Path(dir_okay=False, path_type=Path),
               help="Install this bundle at start-up (the running server hot-swaps to it).")
 @click.option("--log-json", is_flag=True, help="One JSON object per log line (for journald/log shippers).")
@@ -283,10 +286,10 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="agent.toml to take the state dir, keyring and arch from.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Agent state folder whose free disk counts [default: from the config, /var/lib/edgeship].")
+              show_default="from the config, /var/lib/edgeship", help="Agent state folder whose free disk counts.")
 @click.option("--keyring", type=click.Path(exists=True, path_type=Path),
-              help="Trusted .pub file or folder, to verify --bundle's signature [default: from the config].")
-@click.option("--arch", help="Device architecture [default: this machine's].")
+              show_default="from the config", help="Trusted .pub file or folder, to verify --bundle's signature.")
+@click.option("--arch", show_default="this machine's", help="Device architecture.")
 @click.option("--bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Say whether this bundle would install here, check by check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")

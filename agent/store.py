@@ -27,11 +27,15 @@ MAX_EVENTS = 50
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")  # tempfile.mkstemp/mkdtemp names: ".<target name>.<8 random>"
 
 
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, durable: bool = True, public: bool = False) -> None:
     """Write-then-rename: readers see the old or the new file, never a mix. ``durable=False`` skips the
-    fsyncs, for files whose content is checked by hash when read back (download chunks)."""
+    fsyncs, for files whose content is checked by hash when read back (download chunks). The file is
+    private (0600) unless ``public``: then it gets the mode a plain ``open`` would give (0666 & ~umask),
+    for what is not a secret (bundles, reports)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        if public:
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             if durable:
@@ -43,6 +47,19 @@ def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 shows it without changing it
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: Path) -> None:

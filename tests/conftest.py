@@ -111,15 +111,16 @@ def run_py(code: str, **env) -> str:
 
 
 @pytest.fixture(scope="session")
-def tflite_runtime_python(profile):
-    """A venv with tflite-runtime 2.14.0 + numpy<2 (the 32-bit Raspberry Pi runtime), cached between
-    runs. .ci/run installs it; without network access to PyPI the tests that need it are skipped."""
+def tflite_runtime_python(profile, settings):
+    """A venv with tflite-runtime 2.14.0 + numpy<2 (the 32-bit Raspberry Pi runtime), in the one runtimes
+    cache the CLI uses too (`edgeship runtimes install rpi3-armv7`, which .ci/run runs); without network
+    access to PyPI the tests that need it are skipped."""
     from toolkit.errors import ToolkitError
     from toolkit.runtimes import install
 
-    cache = Path(os.environ.get("EDGESHIP_TEST_CACHE", Path.home() / ".cache" / "edgeship"))
+    p = profile("rpi3-armv7")
     try:
-        return str(install(profile("rpi3-armv7"), cache / "runtimes" / "tflite-runtime-2.14.0"))
+        return str(install(p, settings.runtime_env(p.runtime, p.runtime_version)))
     except ToolkitError as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"tflite-runtime 2.14 environment unavailable: {exc}")
 
@@ -147,6 +148,46 @@ def fleet_bundles(digits_build, signing_key, tmp_path_factory):
     d = tmp_path_factory.mktemp("fb")
     v1 = device_bundle(digits_build)
     return {"v1": v1, "v2": rebundle(v1, d / "v2.bundle", signing_key, version=2)}
+
+
+@pytest.fixture(scope="session")
+def retrained_v2(digits, fleet_bundles, signing_key, make_options, profile, tmp_path_factory):
+    """A real v2 of the fleet's digits model: its classifier head retrained (on labels shifted by one: v2
+    answers class+1, same architecture and speed) and rebuilt by the pipeline for rpi4-arm64 in the
+    precision v1 was shipped in. For delta updates of a real change and for accuracy verdicts."""
+    import dataclasses
+    import re
+
+    import numpy as np
+
+    from agent.bundle import inspect_bundle
+    from toolkit.build.pipeline import build
+    from toolkit.examples import digits_data
+    from toolkit.profiles import load_profile_file
+    from toolkit.tfenv import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(1)
+    out = tmp_path_factory.mktemp("v2")
+    model = keras.models.load_model(digits["model"])
+    for layer in model.layers:
+        layer.trainable = layer.name == "probs"
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    data = digits_data()
+    model.fit(data["x_train"], (data["y_train"] + 1) % 10, epochs=15, batch_size=32, verbose=0)
+    (out / "m").mkdir()
+    model.save(out / "m" / "digits.keras")
+    np.savez(out / "val.npz", image=data["x_val"])  # no labels: the gate compares with v2's own fp32
+    precision = inspect_bundle(fleet_bundles["v1"])[0]["precision"]
+    toml = re.sub(r"(?m)^accepted = .*$", f'accepted = ["{precision}"]', profile("rpi4-arm64").path.read_text())
+    (out / "p").mkdir()
+    (out / "p" / "rpi4-arm64.toml").write_text(toml)
+    opts = make_options(out / "dist", ["rpi4-arm64"], version=2, model=out / "m" / "digits.keras",
+                        validation=out / "val.npz")
+    opts = dataclasses.replace(opts, profiles=[load_profile_file(out / "p" / "rpi4-arm64.toml")])
+    res = build(opts)
+    assert res.profiles[0].bundle is not None, res.table()
+    return res.profiles[0].bundle
 
 
 if os.environ.get("EDGESHIP_DEVICE_INPUTS"):  # inside an emulated userland: host-built inputs, no TensorFlow

@@ -12,8 +12,9 @@ import pytest
 from agent.fleet.mqtt import Broker, make_client
 from agent.fleet.protocol import device_topic
 from agent.serve.service import Agent
-from fleethelp import Watcher, needs_mosquitto, start_agent
+from fleethelp import Hand, LogWatch, Watcher, needs_mosquitto, start_agent, wait_for
 from toolkit.fleet.publish import publish
+from toolkit.fleet.rollout import Thresholds
 
 pytestmark = needs_mosquitto
 
@@ -69,7 +70,6 @@ def test_offline_device_converges_and_bad_messages_are_ignored(tmp_path, broker,
             bad.publish(device_topic("test", "late", "desired"), payload, qos=1).wait_for_publish(5)
         assert w.wait(lambda r: "unsigned" in r["late"].get("error", "") or "does not trust" in
                       r["late"].get("error", "") or "not JSON" in r["late"].get("error", ""), 20), w.reports
-        time.sleep(0.5)
         assert a.current.manifest.version == 2 and link._worker.is_alive()
     finally:
         link.stop()
@@ -79,49 +79,67 @@ def test_offline_device_converges_and_bad_messages_are_ignored(tmp_path, broker,
 
 @pytest.mark.device
 def test_tampered_chunk_is_ignored_and_transfer_resumes(tmp_path, broker, keyring, signing_key, fleet_bundles):
-    """A corrupted retained chunk is refused; after the publisher repairs it, the agent finishes
-    without re-downloading the chunks it already had (resume), and after an agent restart too."""
-    from agent.fleet.protocol import bundle_topic, chunk_index
-
+    """A corrupted retained chunk is refused; after an agent restart mid-transfer and the publisher's repair,
+    the agent fetches only what it lacked (the index and chunk 0), not the chunks it already had."""
     data = fleet_bundles["v2"].read_bytes()
-    idx = chunk_index(data)
-    publish(fleet_bundles["v2"], Broker.parse(broker.url), "test", signing_key, device="pi-t")
-    evil = make_client("evil2", Broker.parse(broker.url))
-    evil.connect("127.0.0.1", broker.port)
-    evil.loop_start()
-    evil.publish(bundle_topic("test", idx["sha256"]) + "/chunk/0", b"tampered", qos=1, retain=True).wait_for_publish(5)
+    host = Hand(broker, "host-t", data, signing_key, 4096)
+    host.index()
+    host.chunks(range(host.n))
+    host.c.publish(f"{host.prefix}/chunk/0", b"tampered", qos=1, retain=True).wait_for_publish(5)
+    host.desire("pi-t")
     w = Watcher(broker)
+    log = LogWatch("agent.fleet.transfer")
     a, link = start_agent(tmp_path, "pi-t", broker, keyring)
+    folder = tmp_path / "pi-t" / "downloads" / host.idx["sha256"]
     try:
-        assert w.wait(lambda r: r.get("pi-t", {}).get("status") == "downloading", 20)
-        time.sleep(1.0)
-        assert a.current is None  # chunk 0 was refused, nothing installed
-        have = sorted(p.name for p in (tmp_path / "pi-t" / "downloads" / idx["sha256"]).iterdir())
-        assert "0.chunk" not in have and len(have) == len(idx["chunks"]) - 1
+        assert wait_for(lambda: log.count("chunk hash mismatch") >= 1
+                        and len(list(folder.glob("*.chunk"))) == host.n - 1, 20), (log.lines, host.n)
+        assert a.current is None and not (folder / "0.chunk").exists()  # chunk 0 was refused
         link.stop()  # agent restart mid-transfer
         a, link = start_agent(tmp_path, "pi-t", broker, keyring)
-        evil.publish(bundle_topic("test", idx["sha256"]) + "/chunk/0", data[:idx["chunk_size"]], qos=1,
-                     retain=True).wait_for_publish(5)
+        host.chunks([0])  # the publisher repairs chunk 0
         assert w.wait(lambda r: r.get("pi-t", {}).get("version") == 2, 30), w.reports
+        t = w.reports["pi-t"]["transfer"]
+        index_bytes = len(json.dumps(host.idx))
+        assert t["mode"] == "full" and t["bytes"] <= 4096 + len(b"tampered") + 2 * index_bytes, (t, len(data))
     finally:
+        log.close()
         link.stop()
-        evil.loop_stop()
+        host.stop()
         w.stop()
 
 
 @pytest.mark.device
 def test_broker_restart_mid_transfer(tmp_path, broker, keyring, signing_key, fleet_bundles):
-    publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, device="pi-r")
-    broker.stop()  # retained messages are persisted by mosquitto
+    """The broker goes down with half of the chunks on the device; after it comes back (retained messages
+    persisted) the agent reconnects, fetches only the other half and installs."""
+    data = fleet_bundles["v2"].read_bytes()
+    host = Hand(broker, "host-r", data, signing_key, 4096)
+    half = host.n // 2
+    host.index()
+    host.chunks(range(half))
+    host.desire("pi-r")
+    host.stop()
     a, link = start_agent(tmp_path, "pi-r", broker, keyring)
+    folder = tmp_path / "pi-r" / "downloads" / host.idx["sha256"]
+    w = None
     try:
-        time.sleep(1.5)
+        assert wait_for(lambda: len(list(folder.glob("*.chunk"))) == half, 30)
+        assert link.status == "downloading" and a.current is None
+        broker.stop()
+        assert wait_for(lambda: not link.client.is_connected(), 30)
         broker.start()
+        host = Hand(broker, "host-r2", data, signing_key, 4096)
+        host.chunks(range(half, host.n))
         w = Watcher(broker)
-        assert w.wait(lambda r: r.get("pi-r", {}).get("version") == 1, 60), w.reports
-        w.stop()
+        assert w.wait(lambda r: r.get("pi-r", {}).get("version") == 2, 60), w.reports
+        t = w.reports["pi-r"]["transfer"]
+        assert t["bytes"] < len(data) + 3 * len(json.dumps(host.idx)), (t, len(data))  # nothing fetched twice
     finally:
         link.stop()
+        host.stop()
+        if w:
+            w.stop()
 
 
 def test_embedded_broker_carries_an_update(tmp_path, keyring, signing_key, fleet_bundles):
@@ -185,13 +203,14 @@ def _rollouts(tmp_path, broker, signing_key):
 def test_staged_rollout_canary_then_rest(tmp_path, broker, keyring, signing_key, fleet_bundles):
     """Canary then the rest; a device that is offline during the rollout converges when it comes back."""
     agents = [start_agent(tmp_path, f"g-{i}", broker, keyring, group="line") for i in range(4)]
+    w = Watcher(broker)
     try:
         publish(fleet_bundles["v1"], Broker.parse(broker.url), "test", signing_key, group="line")
         end = time.time() + 30
         while time.time() < end and not all(a.current and a.current.manifest.version == 1 for a, _ in agents):
             time.sleep(0.1)
         agents[3][1].stop()  # g-3 goes offline
-        time.sleep(0.5)
+        assert wait_for(lambda: w.online.get("g-3") is False, 10)
         ro = _rollouts(tmp_path, broker, signing_key)
         r = ro.start(fleet_bundles["v2"], "line", canary_pct=30, timeout=60)
         assert r["state"] == "completed", r
@@ -209,11 +228,11 @@ def test_staged_rollout_canary_then_rest(tmp_path, broker, keyring, signing_key,
 
         from toolkit.cli import cli
 
-        res = CliRunner().invoke(cli, ["--home", str(tmp_path), "rollout", "status", str(r["id"]), "--broker",
-                                       broker.url, "--fleet", "test", "--key", str(signing_key.path), "--json"])
-        assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(cli, ["--home", str(tmp_path), "rollout", "status", str(r["id"]), "--json"])
+        assert res.exit_code == 0, res.output  # no broker, no signing key: it only reads the registry
         assert json.loads(res.output)[0]["state"] == "completed"
     finally:
+        w.stop()
         for _, link in agents:
             link.stop()
 
@@ -228,12 +247,13 @@ def test_failing_canary_halts_and_rolls_back(tmp_path, broker, keyring, signing_
     bad_agent.start()
     bad_link = FleetLink(bad_agent, keyring, Broker.parse(broker.url), "test", "c-b", "cell")
     bad_link.start()
+    w = Watcher(broker)
     try:
         for a, _ in good:
             assert a.install(fleet_bundles["v1"]).ok
         for _, link in good:
             link._report()
-        time.sleep(0.5)
+        assert w.wait(lambda r: all(r.get(n, {}).get("version") == 1 for n in ("c-a", "c-c")), 20), w.reports
         ro = _rollouts(tmp_path, broker, signing_key)
         r = ro.start(fleet_bundles["v2"], "cell", canary_pct=50, timeout=60)
         assert r["state"] == "halted" and "c-b" in r["error"] and "built for aarch64" in r["error"], r
@@ -247,9 +267,84 @@ def test_failing_canary_halts_and_rolls_back(tmp_path, broker, keyring, signing_
         with pytest.raises(Exception, match="only a running rollout"):
             ro.resume(r["id"])
     finally:
+        w.stop()
         for _, link in good:
             link.stop()
         bad_link.stop()
+
+
+class Traffic:
+    """Requests on in-process agents from a thread each, like the callers of a device's API."""
+
+    def __init__(self, agents, feed):
+        self.stop_ev = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(a, feed), daemon=True) for a in agents]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, a, feed):
+        i = 0
+        while not self.stop_ev.is_set():
+            i += 1
+            try:
+                a.predict(feed(a, i))
+            except Exception:
+                pass
+            time.sleep(0.005)  # pacing, ~150 requests/s per device
+
+    def stop(self):
+        self.stop_ev.set()
+        for t in self.threads:
+            t.join(5)
+
+
+def _baseline(db_path, devices, version=1, requests=100):
+    """Wait until the collector holds ``requests`` of ``version`` per device (the pre-rollout window)."""
+    from toolkit.fleet.collector import open_db
+
+    def enough():
+        db = open_db(db_path)
+        try:
+            got = dict(db.execute("SELECT device, SUM(count) FROM telemetry WHERE version = ? GROUP BY device",
+                                  (version,)).fetchall())
+        finally:
+            db.close()
+        return all((got.get(d) or 0) >= requests for d in devices)
+    return wait_for(enough, 30, 0.2)
+
+
+def _observed_rollout(tmp_path, broker, keyring, signing_key, v1, v2, names, feed, thresholds=Thresholds()):
+    """Agents with telemetry on v1 under steady traffic, a collector running as a service, a baseline in its
+    database; then a rollout of ``v2`` with a canary of one and a 3 s observation window. Returns the rollout
+    once it ended, after checking that a halted canary is back on v1."""
+    from agent.fleet.reporter import TelemetryConfig
+    from toolkit.fleet.collector import Collector
+
+    tele = TelemetryConfig(interval=0.3, heartbeat=1.0)
+    agents = [start_agent(tmp_path, n, broker, keyring, group="obs", telemetry=tele) for n in names]
+    col = Collector(Broker.parse(broker.url), "test", tmp_path / "fleet.db").start()  # `fleet collect`, as a service
+    traffic = None
+    try:
+        for a, link in agents:
+            assert a.install(v1).ok
+            link._report()
+        traffic = Traffic([a for a, _ in agents], feed)
+        assert _baseline(tmp_path / "fleet.db", names)
+        ro = _rollouts(tmp_path, broker, signing_key)
+        ro.fleet_db = tmp_path / "fleet.db"
+        r = ro.start(v2, "obs", canary_pct=33, timeout=60, observe=3.0, thresholds=thresholds)
+        if r["state"] == "halted":
+            assert len(r["plan"]["waves"][0]) == 1 and len(r["plan"]["waves"]) == 2
+            assert r["plan"]["results"][r["plan"]["waves"][0][0]] == "rolled-back"
+            assert wait_for(lambda: all(a.current.manifest.version == 1 for a, _ in agents), 20), \
+                [(lk.device, a.current.manifest.version, lk.status, lk.error) for a, lk in agents]
+        return r
+    finally:
+        if traffic:
+            traffic.stop()
+        col.stop()
+        for _, link in agents:
+            link.stop()
 
 
 def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyring, signing_key, fleet_bundles,
@@ -258,75 +353,146 @@ def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyri
     callers send the input v1 accepted, reshaped) -> the telemetry verdict halts and rolls it back."""
     import numpy as np
 
-    from agent.fleet.reporter import TelemetryConfig
-
     with np.load(digits["validation"]) as v:
         x = v["image"].astype(np.float32)
-    tele = TelemetryConfig(interval=0.3, heartbeat=1.0)
-    agents = [start_agent(tmp_path, n, broker, keyring, group="tg", telemetry=tele) for n in ("g-a", "g-b", "g-c")]
-    stop = threading.Event()
 
-    def traffic(a):
-        i = 0
-        while not stop.is_set():
-            i += 1
-            feed = x[i % 100:][:2]
-            if a.current and a.current.manifest.version == 2 and i % 3 == 0:
-                feed = feed.reshape(2, -1)  # the v2 "regression": this input no longer fits
-            try:
-                a.predict(feed)
-            except Exception:
-                pass
-            time.sleep(0.005)
+    def feed(a, i):
+        f = x[i % 100:][:2]
+        if a.current and a.current.manifest.version == 2 and i % 3 == 0:
+            f = f.reshape(2, -1)  # the v2 "regression": this input no longer fits
+        return f
 
-    threads = [threading.Thread(target=traffic, args=(a,), daemon=True) for a, _ in agents]
-    try:
-        for a, link in agents:
-            assert a.install(fleet_bundles["v1"]).ok
-            link._report()
-        for t in threads:
-            t.start()
-        time.sleep(2.0)  # baseline telemetry on v1
-        ro = _rollouts(tmp_path, broker, signing_key)
-        ro.fleet_db = tmp_path / "fleet.db"
-        r = ro.start(fleet_bundles["v2"], "tg", canary_pct=33, timeout=60, observe=3.0)
-        assert r["state"] == "halted" and "error rate" in r["error"], r
-        assert len(r["plan"]["waves"][0]) == 1 and len(r["plan"]["waves"]) == 2
-        canary = r["plan"]["waves"][0][0]
-        assert r["plan"]["results"][canary] == "rolled-back"
-        end = time.time() + 20
-        while time.time() < end and any(a.current.manifest.version != 1 for a, _ in agents):
-            time.sleep(0.1)
-        assert all(a.current.manifest.version == 1 for a, _ in agents), [(l.device, a.current.manifest.version, l.status, l.error) for a, l in agents]
-    finally:
-        stop.set()
-        for _, link in agents:
-            link.stop()
+    r = _observed_rollout(tmp_path, broker, keyring, signing_key, fleet_bundles["v1"], fleet_bundles["v2"],
+                          ("g-a", "g-b", "g-c"), feed)
+    assert r["state"] == "halted" and "error rate" in r["error"], r
 
 
-def test_abort_from_another_process_stops_a_waiting_rollout(tmp_path, broker, keyring, signing_key, fleet_bundles):
-    """`edgeship rollout abort` in another process: the running driver notices within a poll and stops."""
+def test_canary_that_answers_differently_halts_though_not_slower_nor_failing(
+        tmp_path, broker, keyring, signing_key, fleet_bundles, retrained_v2, digits):
+    """v2 (a retrained head that answers class+1: an off-by-one label map) is as fast as v1 and fails no
+    request. The traffic is mostly digits 0-3, as a real site's is skewed; the canary's predicted classes
+    move away from the control's (the other devices on v1, same model, same group) -> halt and roll back."""
+    import numpy as np
+
+    from toolkit.fleet.collector import open_db
+
+    with np.load(digits["validation"]) as v:
+        skewed = v["image"].astype(np.float32)[v["y"] < 4]
+    # sub-millisecond p95s jitter by more than 25% on a busy machine: this test is about the class verdict
+    r = _observed_rollout(tmp_path, broker, keyring, signing_key, fleet_bundles["v1"], retrained_v2,
+                          ("q-a", "q-b", "q-c"), lambda a, i: skewed[i % (len(skewed) - 2):][:2],
+                          Thresholds(max_p95_increase=10.0))
+    assert r["state"] == "halted" and "predicted classes" in r["error"], r
+    db = open_db(tmp_path / "fleet.db")  # the canary on v2 was neither slower nor failing
+    (n, errs), = db.execute("SELECT SUM(count), SUM(errors) FROM telemetry WHERE version = 2").fetchall()
+    db.close()
+    assert n >= 100 and errs == 0
+
+
+def test_abort_from_another_process_stops_a_waiting_rollout(tmp_path, broker, keyring, signing_key, fleet_bundles,
+                                                            settings):
+    """`edgeship rollout start` runs as its own process; `edgeship rollout abort` (another process, with no
+    broker options and no signing key) stops it within a poll."""
+    import os
+    import subprocess
+    import sys
+
     from agent.keys import Keyring
     from toolkit.signing import load_or_create
 
     other = load_or_create(tmp_path / "other" / "signing.pem")
     deaf_ring = Keyring.of(other.public_raw)  # this device trusts another key: it never takes our desired state
+    w = Watcher(broker)
     a, link = start_agent(tmp_path, "ab-0", broker, deaf_ring, group="ab")
+    home = tmp_path / "home"
+    log = tmp_path / "driver.log"
+    driver = None
     try:
-        time.sleep(0.5)
-        ro = _rollouts(tmp_path, broker, signing_key)  # the operator's second process
-        box: dict = {}
-        t = threading.Thread(target=lambda: box.update(r=_rollouts(tmp_path, broker, signing_key).start(
-            fleet_bundles["v1"], "ab", 100, timeout=120)))
-        t0 = time.time()
-        t.start()
-        while not ro.list() and time.time() - t0 < 20:
-            time.sleep(0.1)
-        time.sleep(1.0)
-        rid = ro.list()[0]["id"]
-        assert _rollouts(tmp_path, broker, signing_key).abort(rid)["state"] == "aborted"
-        t.join(30)
-        assert not t.is_alive() and box["r"]["state"] == "aborted" and time.time() - t0 < 30
+        assert w.wait(lambda r: "ab-0" in r, 20)
+        with open(log, "wb") as out:
+            driver = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "--home", str(home), "rollout", "start",
+                                       str(fleet_bundles["v1"]), "--group", "ab", "--canary", "100%", "--timeout",
+                                       "120", "--broker", broker.url, "--fleet", "test", "--key",
+                                       str(signing_key.path)], stdout=out, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert wait_for(lambda: "wave 1/1" in log.read_text(), 60), log.read_text()
+        from click.testing import CliRunner
+
+        from toolkit.cli import cli
+
+        res = CliRunner().invoke(cli, ["--home", str(home), "rollout", "abort", "1"])
+        assert res.exit_code == 0 and "aborted" in res.output, res.output
+        assert driver.wait(30) == 1  # the driver noticed and stopped, saying so
+        assert "rollout 1 aborted" in log.read_text(), log.read_text()
         assert a.current is None
     finally:
+        if driver and driver.poll() is None:
+            driver.kill()
         link.stop()
+        w.stop()
+
+
+def test_embedded_broker_sends_other_devices_topics_and_we_ignore_them(tmp_path, keyring, signing_key,
+                                                                         fleet_bundles):
+    """amqtt delivers, on connect, retained messages matching other clients' subscriptions: a second device
+    gets the first one's desired state. It must not act on it nor report another device's error, and the
+    host's views must not show it either."""
+    from mosquitto import free_port
+    from toolkit.fleet.broker import EmbeddedBroker
+    from toolkit.fleet.collector import Collector, open_db
+    from toolkit.fleet.watcher import devices
+
+    eb = EmbeddedBroker(port=free_port()).start()
+    b = Broker.parse(eb.url)
+    links = []
+    log = LogWatch("agent.fleet.link")
+    try:
+        a1, l1 = start_agent(tmp_path, "e-1", eb, keyring)
+        links.append(l1)
+        publish(fleet_bundles["v1"], b, "test", signing_key, device="e-1")
+        assert wait_for(lambda: a1.current is not None, 30)
+        spy = []  # what a second client is sent on connect
+        c = make_client("spy", b)
+        c.on_message = lambda cl, u, m: spy.append(m.topic)
+        c.connect("127.0.0.1", eb.port)
+        c.loop_start()
+        c.subscribe("edgeship/v1/test/device/e-2/desired", 1)
+        assert wait_for(lambda: "edgeship/v1/test/device/e-1/desired" in spy, 10), spy  # the broker's limit
+        c.loop_stop()
+        col = Collector(b, "other-fleet", tmp_path / "other.db").start()  # another fleet's collector
+        a2, l2 = start_agent(tmp_path, "e-2", eb, keyring)
+        links.append(l2)
+        rows = {}
+        assert wait_for(lambda: rows.update({d["device"]: d for d in devices(b, "test")}) or
+                        rows.get("e-2", {}).get("status") == "idle", 20), rows
+        assert rows["e-2"]["error"] == "" and rows["e-1"]["version"] == 1 and a2.current is None
+        assert log.count("not for this device") == 0, log.lines
+        col.stop()
+        assert open_db(tmp_path / "other.db").execute("SELECT COUNT(*) FROM devices").fetchone()[0] == 0
+    finally:
+        log.close()
+        for lk in links:
+            lk.stop()
+        eb.stop()
+
+
+def test_fleet_devices_is_complete_on_a_slow_broker(tmp_path, broker, keyring):
+    """Between the host and the broker, a link that delays every packet by 2 s: a fixed collection window of
+    1.5 s saw no device at all; waiting for the SUBACK and the sync marker sees every one."""
+    from agent.fleet.mqtt import Broker as B
+    from slowlink import SlowLink
+    from toolkit.fleet.watcher import devices
+
+    w = Watcher(broker)
+    agents = [start_agent(tmp_path, f"s-{i}", broker, keyring, group="slow") for i in range(3)]
+    link = SlowLink(broker.port, delay=2.0).start()
+    try:
+        assert w.wait(lambda r: all(f"s-{i}" in r for i in range(3)), 20)
+        rows = devices(B.parse(f"mqtt://127.0.0.1:{link.port}"), "test")
+        assert sorted(r["device"] for r in rows) == ["s-0", "s-1", "s-2"]
+        assert all(r["online"] and r["group"] == "slow" for r in rows), rows
+    finally:
+        link.stop()
+        for _, lk in agents:
+            lk.stop()
+        w.stop()

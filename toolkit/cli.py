@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,8 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", envvar="EDGESHIP_HOME", type=click.Path(file_okay=False),
-              help="State folder: keys, registry, runtimes [env EDGESHIP_HOME; default ~/.edgeship].")
+@click.option("--home", envvar="EDGESHIP_HOME", type=click.Path(file_okay=False), show_default="~/.edgeship",
+              help="State folder: keys, registry, fleet database [env EDGESHIP_HOME].")
 @click.option("--profiles-dir", multiple=True, type=click.Path(file_okay=False),
               help="Extra folder of device profile .toml files (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
@@ -41,9 +42,13 @@ class _Group(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, profiles_dir: tuple[str, ...], verbose: bool) -> None:
     """edgeship: optimize, validate, sign and ship models to device fleets."""
+    ctx.obj = Settings.resolve(home, profiles_dir)
+    if not verbose and not os.environ.get("EDGESHIP_DEBUG"):
+        from toolkit.tfenv import native_stderr_to
+
+        ctx.with_resource(native_stderr_to(ctx.obj.home / "native.log"))  # no TF/absl lines in our output
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = Settings.resolve(home, profiles_dir)
 
 
 def _dirs(s: Settings) -> list[Path]:
@@ -80,17 +85,17 @@ class _Progress:
 @click.option("--validation", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help=".npz with one array per model input (or x) and optional labels y.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help=".npz of representative inputs for int8 calibration (default: validation data).")
+              show_default="the validation data", help=".npz of representative inputs for int8 calibration.")
 @click.option("--train", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npz with inputs and labels y, for --prune / --qat fine-tuning.")
-@click.option("--name", help="Model name in the bundle and registry [default: file stem].")
-@click.option("--version", "version", type=int, help="Bundle version [default: registry latest + 1].")
+@click.option("--name", show_default="MODEL's file stem", help="Model name in the bundle and registry.")
+@click.option("--version", "version", type=int, show_default="registry latest + 1", help="Bundle version.")
 @click.option("--meta", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON with labels, preprocessing and postprocessing metadata.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"),
               show_default=True, help="Output folder for bundles, summary and report.")
-@click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
-              help="Ed25519 signing key [default: HOME/keys/signing.pem, created on first use].")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/keys/signing.pem",
+              help="Ed25519 signing key (HOME's key is created on first use).")
 @click.option("--prune", type=float, help="Magnitude-prune to this sparsity before converting (needs --train).")
 @click.option("--qat", is_flag=True, help="Add a quantization-aware-trained int8 variant (needs --train).")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
@@ -101,9 +106,8 @@ class _Progress:
 @click.option("--unsafe-deserialization", is_flag=True,
               help="Allow Keras Lambda layers: loading runs Python code stored in the model file. Only for "
               "files you trust.")
-@click.option("--min-reference-accuracy", type=click.FloatRange(0, 1),
-              help="With labels: fail the gate when the fp32 reference accuracy is below this "
-                   "[default: chance, 1/classes].")
+@click.option("--min-reference-accuracy", type=click.FloatRange(0, 1), show_default="chance, 1/classes",
+              help="With labels: fail the gate when the fp32 reference accuracy is below this.")
 @click.option("--quick", is_flag=True, help="Short latency runs (smoke tests; numbers are rough).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 @click.pass_obj
@@ -180,7 +184,7 @@ def profiles() -> None:
 
 
 @profiles.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_obj
 def profiles_list(s: Settings, as_json: bool) -> None:
     """List known device profiles."""
@@ -196,12 +200,14 @@ def profiles_list(s: Settings, as_json: bool) -> None:
 
 @profiles.command("show")
 @click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the TOML keys as nested JSON.")
 @click.pass_obj
-def profiles_show(s: Settings, name: str) -> None:
-    """Show one profile, validated."""
+def profiles_show(s: Settings, name: str, as_json: bool) -> None:
+    """Show one profile, validated, under its TOML keys with defaults filled in."""
     from toolkit.profiles import find_profile
 
-    _emit(find_profile(name, _dirs(s)).summary())
+    p = find_profile(name, _dirs(s))
+    _emit(p.toml_doc()) if as_json else click.echo(p.to_toml(), nl=False)
 
 
 # ---------------------------------------------------------------- keys
@@ -211,8 +217,8 @@ def keys() -> None:
 
 
 @keys.command("generate")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Private key path [default: HOME/keys/signing.pem]; the .pub goes beside it.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/keys/signing.pem",
+              help="Private key path; the .pub goes beside it.")
 @click.option("--force", is_flag=True, help="Replace an existing key.")
 @click.pass_obj
 def keys_generate(s: Settings, out: Path | None, force: bool) -> None:
@@ -231,7 +237,7 @@ def bundle() -> None:
 
 @bundle.command("inspect")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def bundle_inspect(path: Path, as_json: bool) -> None:
     """Show a bundle's manifest (NOT verified: use `bundle verify`)."""
     from agent.bundle import inspect_bundle
@@ -256,8 +262,8 @@ def bundle_inspect(path: Path, as_json: bool) -> None:
 
 @bundle.command("verify")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--keyring", type=click.Path(exists=True, path_type=Path),
-              help="Trusted .pub file or folder [default: HOME/keys].")
+@click.option("--keyring", type=click.Path(exists=True, path_type=Path), show_default="HOME/keys",
+              help="Trusted .pub file or folder of them.")
 @click.pass_obj
 def bundle_verify(s: Settings, path: Path, keyring: Path | None) -> None:
     """Verify signature, structure and every file hash; load the model and replay the golden set."""
@@ -286,7 +292,7 @@ def models() -> None:
 
 
 @models.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_obj
 def models_list(s: Settings, as_json: bool) -> None:
     """Models in the registry with their latest version."""
@@ -304,7 +310,7 @@ def models_list(s: Settings, as_json: bool) -> None:
 
 @models.command("history")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_obj
 def models_history(s: Settings, name: str, as_json: bool) -> None:
     """Every build of NAME: version, profile, variant, size, bundle."""
@@ -333,7 +339,8 @@ def runtimes() -> None:
 @click.argument("profile")
 @click.pass_obj
 def runtimes_install(s: Settings, profile: str) -> None:
-    """Install PROFILE's runtime (e.g. tflite-runtime 2.14 + numpy<2) into a venv under HOME."""
+    """Install PROFILE's runtime (e.g. tflite-runtime 2.14 + numpy<2) into a venv in the runtimes cache
+    (~/.cache/edgeship/runtimes, or $EDGESHIP_RUNTIMES)."""
     from toolkit.profiles import find_profile
     from toolkit.runtimes import install
 
@@ -345,15 +352,18 @@ def runtimes_install(s: Settings, profile: str) -> None:
 @runtimes.command("list")
 @click.pass_obj
 def runtimes_list(s: Settings) -> None:
-    """Installed runtime environments."""
-    for name, py in s.runtime_pythons().items():
+    """Installed runtime environments (in ~/.cache/edgeship/runtimes, or $EDGESHIP_RUNTIMES)."""
+    found = s.runtime_pythons()
+    for name, py in found.items():
         click.echo(f"{name:<28} {py}")
+    if not found:
+        click.echo(f"no runtime environments in {s.runtimes} (`edgeship runtimes install PROFILE`)")
 
 
 # ---------------------------------------------------------------- demo
 @cli.command()
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where to put the example model and bundles [default: HOME/demo].")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), show_default="HOME/demo",
+              help="Where to put the example model, bundles and fleet.")
 @click.option("--quick", is_flag=True, help="Short latency runs.")
 @click.pass_obj
 def demo(s: Settings, workdir: Path | None, quick: bool) -> None:

@@ -57,8 +57,10 @@ def emit_json(data: Any) -> None:
 @click.option("--device", help="Target one device id.")
 @click.option("--group", help="Target a device group.")
 @mqtt_options
-@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Signing key for the desired state.")
-@click.option("--url", default="", help="Devices download the bundle from this http(s) URL instead of MQTT chunks.")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/keys/signing.pem",
+              help="Signing key for the desired state.")
+@click.option("--url", default="", show_default="none: MQTT chunks",
+              help="Devices download the bundle from this http(s) URL instead of MQTT chunks.")
 @click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A bundle devices may be running: also publish a (smaller) patch against its model. Repeatable.")
 @click.pass_obj
@@ -78,7 +80,7 @@ def publish(s: Settings, bundle: Path, device: str | None, group: str | None, co
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
-@click.option("--port", default=1883, show_default=True, type=int)
+@click.option("--port", default=1883, show_default=True, type=int, help="TCP port to listen on.")
 def broker(host: str, port: int) -> None:
     """Run the embedded MQTT broker (zero set-up; use Mosquitto/EMQX/HiveMQ in production)."""
     import signal
@@ -97,6 +99,7 @@ def broker(host: str, port: int) -> None:
 
 # ---------------------------------------------------------------- rollout
 def _rollouts(s: Settings, conn: Any, fleet_name: str, key: Path | None, fleet_db: Path | None = None):
+    """The rollout driver (start, resume): it publishes, so it needs the broker and the signing key."""
     from toolkit.fleet.publish import Publisher
     from toolkit.fleet.rollout import Rollouts
     from toolkit.signing import load_key
@@ -107,8 +110,19 @@ def _rollouts(s: Settings, conn: Any, fleet_name: str, key: Path | None, fleet_d
                     echo=click.echo, fleet_db=fleet_db or s.home / "fleet.db")
 
 
+def _registry(s: Settings):
+    """The rollouts in the registry, for the commands that only read it or change a state (status, abort):
+    no broker, no signing key."""
+    from toolkit.fleet.rollout import Rollouts
+
+    if not s.registry_path.is_file():
+        raise ToolkitError(f"{s.registry_path}: no registry there, so no rollouts (check --home)")
+    return Rollouts(s.registry_path)
+
+
 def rollout_options(fn: Callable) -> Callable:
-    fn = click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="Signing key.")(fn)
+    fn = click.option("--key", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/keys/signing.pem",
+                      help="Signing key for the desired states.")(fn)
     return mqtt_options(fn)
 
 
@@ -130,45 +144,58 @@ def _show(r: dict[str, Any]) -> None:
 
 @rollout.command("start")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--group", required=True)
+@click.option("--group", required=True, help="The device group to update.")
 @click.option("--canary", default="10%", show_default=True, help="Size of the first wave, e.g. 10%.")
 @click.option("--max-failures", default=0, show_default=True, help="Failures tolerated per wave before halting.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds a wave may take to install.")
 @click.option("--observe", default=0.0, show_default=True,
               help="Seconds of telemetry to watch after a wave installs (0: install results only).")
 @click.option("--max-error-increase", default=0.02, show_default=True,
-              help="Halt when the wave's error rate exceeds the replaced version's by more than this.")
+              help="Halt when the wave's error rate exceeds the control's (same model and group on the replaced "
+                   "version) by more than this.")
 @click.option("--max-p95-increase", default=0.25, show_default=True,
-              help="Halt when the wave's p95 latency exceeds the replaced version's by more than this fraction.")
+              help="Halt when the wave's p95 latency exceeds the control's by more than this fraction.")
+@click.option("--max-class-psi", default=0.25, show_default=True,
+              help="Halt when the wave's predicted-class distribution differs from the control's by more than "
+                   "this PSI.")
+@click.option("--max-input-psi-increase", default=0.25, show_default=True,
+              help="Halt when the wave's inputs are further from the new model's reference statistics than the "
+                   "control's from theirs by more than this PSI.")
 @click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Extra base bundles for delta patches (bundles in the registry are found automatically).")
-@click.option("--fleet-db", type=click.Path(dir_okay=False, path_type=Path), help="Telemetry database [HOME/fleet.db].")
+@click.option("--fleet-db", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/fleet.db",
+              help="Telemetry database the observation window is collected into.")
 @rollout_options
 @click.pass_obj
 def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failures: int, timeout: float,
-                  observe: float, max_error_increase: float, max_p95_increase: float, delta_from: tuple[Path, ...],
-                  fleet_db: Path | None, conn: Any, fleet_name: str, key: Path | None) -> None:
+                  observe: float, max_error_increase: float, max_p95_increase: float, max_class_psi: float,
+                  max_input_psi_increase: float, delta_from: tuple[Path, ...], fleet_db: Path | None, conn: Any,
+                  fleet_name: str, key: Path | None) -> None:
     """Canary wave, then the rest; halt and roll the wave back when devices fail or get worse."""
+    from toolkit.fleet.rollout import Thresholds
+
     try:
         pct = float(canary.rstrip("%"))
     except ValueError as exc:
         raise click.BadParameter(f"{canary!r} is not a percentage", param_hint="--canary") from exc
-    r = _rollouts(s, conn, fleet_name, key, fleet_db).start(bundle, group, pct, max_failures, timeout, observe,
-                                                            max_error_increase, max_p95_increase, list(delta_from))
+    th = Thresholds(max_error_increase, max_p95_increase, max_class_psi, max_input_psi_increase)
+    r = _rollouts(s, conn, fleet_name, key, fleet_db).start(bundle, group, pct, max_failures, timeout, observe, th,
+                                                            list(delta_from))
     _show(r)
     if r["state"] != "completed":
         raise ToolkitError(f"rollout {r['id']} {r['state']}")
 
 
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
 @rollout.command("status")
 @click.argument("rollout_id", type=int, required=False)
-@rollout_options
-@click.option("--json", "as_json", is_flag=True)
+@_json_option
 @click.pass_obj
-def rollout_status(s: Settings, rollout_id: int | None, conn: Any, fleet_name: str, key: Path | None,
-                   as_json: bool) -> None:
-    """Show one rollout, or all."""
-    ro = _rollouts(s, conn, fleet_name, key)
+def rollout_status(s: Settings, rollout_id: int | None, as_json: bool) -> None:
+    """Show one rollout, or all (from the registry: no broker, no key)."""
+    ro = _registry(s)
     rows = [ro.get(rollout_id)] if rollout_id else ro.list()
     if as_json:
         return emit_json(rows)
@@ -187,11 +214,11 @@ def rollout_resume(s: Settings, rollout_id: int, conn: Any, fleet_name: str, key
 
 @rollout.command("abort")
 @click.argument("rollout_id", type=int)
-@rollout_options
 @click.pass_obj
-def rollout_abort(s: Settings, rollout_id: int, conn: Any, fleet_name: str, key: Path | None) -> None:
-    """Stop a rollout (devices keep what they have)."""
-    _show(_rollouts(s, conn, fleet_name, key).abort(rollout_id))
+def rollout_abort(s: Settings, rollout_id: int) -> None:
+    """Stop a rollout (devices keep what they have; the running driver stops within a poll). Registry only:
+    no broker, no key."""
+    _show(_registry(s).abort(rollout_id))
 
 
 # ---------------------------------------------------------------- fleet
@@ -202,7 +229,7 @@ def fleet() -> None:
 
 @fleet.command("devices")
 @mqtt_options
-@click.option("--json", "as_json", is_flag=True)
+@_json_option
 def fleet_devices(conn: Any, fleet_name: str, as_json: bool) -> None:
     """Devices with group, model version, update status, online/offline and last report (live from the broker)."""
     from toolkit.fleet.watcher import devices
@@ -219,17 +246,17 @@ def fleet_devices(conn: Any, fleet_name: str, as_json: bool) -> None:
 
 
 _db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
-                          help="Telemetry database [default HOME/fleet.db].")
+                          show_default="HOME/fleet.db", help="Telemetry database (written by `fleet collect`).")
 
 
 @fleet.command("collect")
 @mqtt_options
 @_db_option
 @click.option("--share", help="Join shared subscription group NAME: run several collectors to split the load.")
-@click.option("--client-id", help="MQTT client id; the broker queues telemetry for it while it is down "
-              "[default: edgeship-collector-HOSTNAME-FLEET(-SHARE)].")
+@click.option("--client-id", show_default="edgeship-collector-HOSTNAME-FLEET(-SHARE)",
+              help="MQTT client id; the broker queues telemetry for it while it is down.")
 @click.option("--retention-days", default=30.0, show_default=True, help="Delete telemetry older than this.")
-@click.option("--seconds", type=float, help="Stop after this long [default: until Ctrl-C].")
+@click.option("--seconds", type=float, show_default="until Ctrl-C", help="Stop after this many seconds.")
 @click.pass_obj
 def fleet_collect(s: Settings, conn: Any, fleet_name: str, db_path: Path | None, share: str | None,
                   client_id: str | None, retention_days: float, seconds: float | None) -> None:
@@ -257,36 +284,40 @@ def _forever() -> None:
         time.sleep(3600)
 
 
+_window_option = click.option("--window", default=300.0, show_default=True,
+                              help="Seconds of telemetry behind every number (requests, p95, error rate, drift).")
+
+
 @fleet.command("status")
 @_db_option
-@click.option("--window", default=300.0, show_default=True, help="Seconds of telemetry for p95 and error rate.")
-@click.option("--json", "as_json", is_flag=True)
+@_window_option
+@_json_option
 @click.pass_obj
 def fleet_status(s: Settings, db_path: Path | None, window: float, as_json: bool) -> None:
     """Device, group, online, model version, p95, error rate, drift, last seen (from the collector's database)."""
     from toolkit.fleet.collector import open_db
     from toolkit.fleet.views import status, table
 
-    db = open_db(db_path or s.home / "fleet.db")
+    db = open_db(db_path or s.home / "fleet.db", must_exist=True)
     try:
         rows = status(db, window)
     finally:
         db.close()
-    emit_json(rows) if as_json else click.echo(table(rows))
+    emit_json(rows) if as_json else click.echo(table(rows, window=window))
 
 
 @fleet.command("watch")
 @_db_option
-@click.option("--window", default=300.0, show_default=True)
+@_window_option
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
-@click.option("--iterations", default=0, help="Stop after this many refreshes [default: until Ctrl-C].")
+@click.option("--iterations", default=0, show_default="0: until Ctrl-C", help="Stop after this many refreshes.")
 @click.pass_obj
 def fleet_watch(s: Settings, db_path: Path | None, window: float, interval: float, iterations: int) -> None:
     """Live fleet status, refreshed (run `edgeship fleet collect` alongside). Ctrl-C to stop."""
     from toolkit.fleet.collector import open_db
     from toolkit.fleet.views import status, table
 
-    db = open_db(db_path or s.home / "fleet.db")
+    db = open_db(db_path or s.home / "fleet.db", must_exist=True)
     n = 0
     try:
         while not iterations or n < iterations:
@@ -294,7 +325,7 @@ def fleet_watch(s: Settings, db_path: Path | None, window: float, interval: floa
                 time.sleep(interval)
             click.clear()
             click.echo(f"edgeship fleet — {time.strftime('%H:%M:%S')} (every {interval:g}s, Ctrl-C to stop)\n")
-            click.echo(table(status(db, window)))
+            click.echo(table(status(db, window), window=window))
             n += 1
     except KeyboardInterrupt:
         pass
@@ -304,14 +335,16 @@ def fleet_watch(s: Settings, db_path: Path | None, window: float, interval: floa
 
 @fleet.command("report")
 @_db_option
+@click.option("--window", default=3600.0, show_default=True,
+              help="Seconds of telemetry the report covers (its table and every plot).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("fleet-report.html"),
-              show_default=True)
+              show_default=True, help="HTML file to write.")
 @click.pass_obj
-def fleet_report(s: Settings, db_path: Path | None, out: Path) -> None:
+def fleet_report(s: Settings, db_path: Path | None, window: float, out: Path) -> None:
     """HTML report: latency per version over time, throughput, errors, rollout progress, drift."""
     from toolkit.fleet.views import write_report
 
-    click.echo(f"report: {write_report(db_path or s.home / 'fleet.db', out)}")
+    click.echo(f"report: {write_report(db_path or s.home / 'fleet.db', out, window)}")
 
 
 @fleet.command("acl")
@@ -320,7 +353,8 @@ def fleet_report(s: Settings, db_path: Path | None, out: Path) -> None:
               help="Inventory: one 'DEVICE [GROUP]' per line.")
 @click.option("--device", "device_args", multiple=True, help="DEVICE or DEVICE=GROUP (repeatable).")
 @click.option("--host-user", default="edgeship-host", show_default=True, help="Username of the host tools.")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here [default: stdout].")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), show_default="stdout",
+              help="Write the ACL to this file.")
 def fleet_acl(fleet_name: str, inventory: Path | None, device_args: tuple[str, ...], host_user: str,
               out: Path | None) -> None:
     """Write the broker ACL (Mosquitto acl_file) that scopes each device to its fleet and group."""

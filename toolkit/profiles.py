@@ -106,6 +106,53 @@ class Profile:
                                                                    "max_opset", "numpy", "precisions", "int8_io")}})
         return out
 
+    def toml_doc(self) -> dict[str, Any]:
+        """The profile under its TOML keys (docs/profiles.md), defaults filled in: what `profiles show` prints."""
+        doc: dict[str, Any] = {}
+        for field_name, dotted in TOML_KEYS.items():
+            value = getattr(self, field_name)
+            if value is None:
+                continue  # TOML has no null: an unset optional key stays out
+            *parents, leaf = dotted.split(".")
+            cur = doc
+            for part in parents:
+                cur = cur.setdefault(part, {})
+            cur[leaf] = list(value) if isinstance(value, tuple) else value
+        return doc
+
+    def to_toml(self) -> str:
+        lines = [f"# {self.path} (sha256 {self.sha256[:16]}…), defaults filled in"]
+        tables = {k: v for k, v in self.toml_doc().items() if isinstance(v, dict)}
+        lines += [f"{k} = {_toml_value(v)}" for k, v in self.toml_doc().items() if not isinstance(v, dict)]
+        for name, table in tables.items():
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        return "\n".join(lines) + "\n"
+
+
+# Profile field -> TOML key (docs/profiles.md); path, sha256 and edgetpu are derived, not keys
+TOML_KEYS = {
+    "name": "name", "description": "description", "objective": "objective", "arch": "device.arch",
+    "cpu": "device.cpu", "os": "device.os", "python": "device.python", "runtime": "runtime.name",
+    "runtime_version": "runtime.version", "numpy": "runtime.numpy", "threads": "runtime.threads",
+    "delegate": "runtime.delegate", "execution_providers": "runtime.execution_providers",
+    "max_opset": "runtime.max_opset", "precisions": "precision.accepted", "int8_io": "precision.int8_io",
+    "max_model_mb": "budgets.model_mb", "max_ram_mb": "budgets.ram_mb", "max_p95_ms": "budgets.p95_latency_ms",
+    "device_slowdown": "budgets.device_slowdown", "max_accuracy_drop": "accuracy.max_drop_points",
+    "min_agreement": "accuracy.min_top1_agreement", "min_snr_db": "accuracy.min_snr_db",
+}
+
+
+def _toml_value(v: Any) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # a TOML basic string is a JSON string
+
 
 def search_dirs(extra: list[str | Path] | None = None, env: str | None = None) -> list[Path]:
     dirs = [Path(p) for p in (extra or [])]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ProtocolError
-from agent.fleet.protocol import Desired, parse_message
+from agent.fleet.protocol import Desired, parse_desired
 from agent.keys import Keyring
 from agent.store import atomic_write
 
@@ -54,11 +54,9 @@ def accept(st: dict[str, Any], topic: str, payload: bytes, keyring: Keyring, dev
     """Check a desired-state message and record it in ``st`` (the caller saves it). None: the same message
     again, or superseded by the other desired topic. ProtocolError: not signed by a trusted key, not for this
     device, or stale (older than what this topic already said: a replay, or a broker restoring old state)."""
-    doc = parse_message(payload, topic, keyring, expect_type="desired")
-    target = doc.get("target", "")
-    if target not in (f"device:{device}", f"group:{group}"):
-        raise ProtocolError(f"{topic}: desired state for {target!r}, not for this device")
-    d = Desired.from_doc(doc, topic)
+    d, doc = parse_desired(payload, topic, keyring)
+    if d.target not in (f"device:{device}", f"group:{group}"):
+        raise ProtocolError(f"{topic}: desired state for {d.target!r}, not for this device")
     seen = st.setdefault("topic_seq", {}).get(topic, 0)
     if d.seq < seen:
         raise ProtocolError(f"{topic}: stale desired state {d.model} v{d.version} (seq {d.seq} < {seen}) ignored")

@@ -9,11 +9,9 @@ The MQTT client id is the broker identity (the username), so no other login can 
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from agent.fleet import delta
 from agent.fleet.desired import accept, count_attempt, failure, gave_up, load_state, pending, save_state
 from agent.install import describe
 from agent.fleet.mqtt import Broker, make_client
-from agent.fleet.protocol import Desired, device_topic, group_topic
+from agent.fleet.protocol import Desired, device_topic, encode, group_topic, presence_doc, reported_doc
 from agent.fleet.reporter import Reporter, TelemetryConfig
 from agent.fleet.transfer import Transfer
 from agent.keys import Keyring
@@ -38,8 +36,10 @@ class FleetLink:
         self.fleet, self.device, self.group = fleet, device_id, group
         self.q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.client = make_client(client_id(broker, fleet, device_id), broker)
-        self.client.will_set(device_topic(fleet, device_id, "presence"),
-                             json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
+        self.client.will_set(device_topic(fleet, device_id, "presence"), encode(presence_doc(False)), qos=1,
+                             retain=True)
+        self.desired_topics = {device_topic(fleet, device_id, "desired")} | (
+            {group_topic(fleet, group)} if group else set())
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, msg: self.q.put((msg.topic, msg.payload))
         self.transfer = Transfer(agent, self.client, fleet, agent.store.dir / "downloads", self._install)
@@ -61,8 +61,8 @@ class FleetLink:
     def stop(self) -> None:
         if self.reporter:
             self.reporter.stop()
-        info = self.client.publish(device_topic(self.fleet, self.device, "presence"),
-                                   json.dumps({"v": 1, "type": "presence", "online": False}), qos=1, retain=True)
+        info = self.client.publish(device_topic(self.fleet, self.device, "presence"), encode(presence_doc(False)),
+                                   qos=1, retain=True)
         if self.client.is_connected():
             info.wait_for_publish(2.0)
         self.client.disconnect()
@@ -73,13 +73,9 @@ class FleetLink:
         if getattr(reason, "is_failure", False):
             log.warning("MQTT connect refused: %s", reason)
             return
-        presence = self.reporter.presence() if self.reporter else json.dumps(
-            {"v": 1, "type": "presence", "online": True, "t": time.time()})
+        presence = self.reporter.presence() if self.reporter else encode(presence_doc(True))
         client.publish(device_topic(self.fleet, self.device, "presence"), presence, qos=1, retain=True)
-        subs = [(device_topic(self.fleet, self.device, "desired"), 1)]
-        if self.group:
-            subs.append((group_topic(self.fleet, self.group), 1))
-        client.subscribe(subs)
+        client.subscribe([(t, 1) for t in sorted(self.desired_topics)])
         self.q.put(("$resume", b""))
         if self.reporter:
             self.reporter.wake()
@@ -96,7 +92,7 @@ class FleetLink:
                 elif topic == "$swap":
                     self._reconcile()
                     self._report()
-                elif topic.endswith("/desired"):
+                elif topic in self.desired_topics:  # not another device's: amqtt sends more than we asked
                     self._on_desired(topic, payload)
                 elif topic.endswith("/index"):
                     self.transfer.on_index(topic, payload)
@@ -104,7 +100,7 @@ class FleetLink:
                     self.transfer.on_chunk(topic, payload)
             except ProtocolError as exc:
                 log.warning("ignored message: %s", exc)
-                if topic.endswith("/desired"):
+                if topic in self.desired_topics:
                     self._report(error=str(exc))
             except Exception as exc:  # the link must survive anything a broker sends, or a full disk
                 log.exception("error handling %s", topic)
@@ -148,6 +144,7 @@ class FleetLink:
         except ProtocolError:  # a stored desired state this agent cannot read: nothing to keep for it
             d = None
         self.transfer.prune(keep=d.sha256 if d else None)
+
     def _load(self) -> dict[str, Any]:
         return load_state(self.agent.store.dir)
 
@@ -161,10 +158,10 @@ class FleetLink:
         accepted = accept(st, topic, payload, self.keyring, self.device, self.group)
         if accepted is None:
             return
-        d, doc = accepted
+        d, _ = accepted
         self._save(st)
-        if doc.get("rollback_to") is not None:
-            self._rollback(d, int(doc["rollback_to"]))
+        if d.rollback_to is not None:
+            self._rollback(d, d.rollback_to)
             return
         if self.agent.installed_sha256() == d.sha256:  # already served: say so
             self.status, self.error = "installed", ""
@@ -251,12 +248,10 @@ class FleetLink:
 
     def _report(self, error: str = "") -> None:
         cur, st = self.agent.current, self._load()
-        doc = {"v": 1, "type": "reported", "device": self.device, "group": self.group,
-               "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
-               "installed_sha256": self.agent.installed_sha256(), "seq": st.get("seq", 0), "status": self.status,
-               "error": error or self.error, "transfer": self.last_transfer, "delta": delta.available(),
-               "t": time.time()}
-        self.client.publish(device_topic(self.fleet, self.device, "reported"), json.dumps(doc), qos=1, retain=True)
+        doc = reported_doc(self.device, self.group, cur.manifest.name if cur else None,
+                           cur.manifest.version if cur else None, self.agent.installed_sha256(), st.get("seq", 0),
+                           self.status, error or self.error, self.last_transfer, delta.available())
+        self.client.publish(device_topic(self.fleet, self.device, "reported"), encode(doc), qos=1, retain=True)
 
 
 def client_id(broker: Broker, fleet: str, device: str) -> str:

@@ -3,14 +3,20 @@ once the broker acknowledged them (QoS 1), and are sent in order after a reconne
 
 The queue is bounded: when full, the oldest records are dropped and counted; every sent record
 carries its sequence number and the device's running drop count, so the host knows exactly what
-it lost.
+it lost. Records are stored as JSON objects and handed back as objects: the sender builds the
+message (protocol.telemetry_payload), nothing here splices bytes.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL);
@@ -41,8 +47,9 @@ class Outbox:
         with self._lock:
             return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
-    def put(self, topic: str, payload: bytes) -> int:
-        """Queue a JSON-object payload; returns its sequence number. Drops the oldest beyond the bound."""
+    def put(self, topic: str, record: dict[str, Any]) -> int:
+        """Queue a record; returns its sequence number. Drops the oldest beyond the bound."""
+        payload = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
         with self._lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             seq = self.db.execute("INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload)).lastrowid
@@ -55,13 +62,27 @@ class Outbox:
                                 "value = value + excluded.value", (over,))
             return int(seq)
 
-    def peek(self, limit: int = 100) -> list[tuple[int, str, bytes]]:
-        """The oldest records, each as (seq, topic, payload with "seq" and "dropped" filled in)."""
+    def peek(self, limit: int = 100) -> tuple[list[tuple[int, str, dict[str, Any]]], int]:
+        """The oldest records as (seq, topic, record), and the number of records dropped so far. A row that
+        is not a JSON object (a damaged file) is skipped and deleted with a log line."""
         with self._lock:
             rows = self.db.execute("SELECT seq, topic, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
             row = self.db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-        dropped = int(row[0]) if row else 0
-        return [(seq, topic, b'{"seq":%d,"dropped":%d,' % (seq, dropped) + bytes(p)[1:]) for seq, topic, p in rows]
+        out, bad = [], []
+        for seq, topic, payload in rows:
+            try:
+                record = json.loads(bytes(payload))
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                out.append((int(seq), topic, record))
+            else:
+                bad.append(seq)
+        if bad:
+            log.warning("telemetry queue: %d unreadable record(s) deleted (seq %s)", len(bad), bad[:5])
+            with self._lock, self.db:
+                self.db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in bad])
+        return out, int(row[0]) if row else 0
 
     def ack(self, upto: int) -> None:
         """Forget every record up to and including ``upto`` (the broker has them)."""

@@ -5,7 +5,6 @@ retained presence message so the host can tell a silent device from an idle one.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.fleet.outbox import Outbox
-from agent.fleet.protocol import VERSION, device_topic
+from agent.fleet.protocol import device_topic, encode, presence_doc, telemetry_doc, telemetry_payload
 from agent.fleet.telemetry import PSI_THRESHOLD, System
 
 if TYPE_CHECKING:
@@ -58,31 +57,29 @@ class Reporter:
         self._wake.set()
 
     def presence(self) -> bytes:
-        return json.dumps({"v": VERSION, "type": "presence", "online": True, "t": time.time(),
-                           "heartbeat_s": self.cfg.heartbeat or None}).encode()
+        return encode(presence_doc(True, self.cfg.heartbeat))
 
     def record(self) -> dict[str, Any]:
         agent, link = self.link.agent, self.link
         cur = agent.current
-        return {"v": VERSION, "type": "telemetry", "device": link.device, "group": link.group, "t": time.time(),
-                "interval_s": self.cfg.interval, "model": cur.manifest.name if cur else None,
-                "version": cur.manifest.version if cur else None,
-                "inference": cur.window.snapshot() if cur else {"count": 0, "errors": 0},
-                "drift": cur.drift.snapshot(self.cfg.drift_psi) if cur else None, "system": self.system.snapshot(),
-                "update": {"status": link.status, "error": link.error,
-                           "last": agent.store.load().get("last_update")}}
+        return telemetry_doc(link.device, link.group, self.cfg.interval, cur.manifest.name if cur else None,
+                             cur.manifest.version if cur else None,
+                             cur.window.snapshot() if cur else {"count": 0, "errors": 0},
+                             cur.drift.snapshot(self.cfg.drift_psi) if cur else None, self.system.snapshot(),
+                             {"status": link.status, "error": link.error})
 
     def tick(self) -> None:
-        self.outbox.put(self.topic, json.dumps(self.record(), separators=(",", ":")).encode())
+        self.outbox.put(self.topic, self.record())
 
     def flush(self) -> int:
         """Send queued records in order while connected; returns how many were acknowledged."""
         client, sent = self.link.client, 0
         while client.is_connected() and not self._stop.is_set():
-            rows = self.outbox.peek(BATCH)
+            rows, dropped = self.outbox.peek(BATCH)
             if not rows:
                 break
-            infos = [(seq, client.publish(topic, payload, qos=1)) for seq, topic, payload in rows]
+            infos = [(seq, client.publish(topic, telemetry_payload(record, seq, dropped), qos=1))
+                     for seq, topic, record in rows]
             acked = None
             for seq, info in infos:
                 try:

@@ -7,6 +7,7 @@ the input values binned against the manifest's reference bins.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -29,6 +30,50 @@ DRIFT_SAMPLE = 1024  # input values looked at per request (strided)
 DRIFT_MIN_ROWS = 50  # requests' worth of data before a drift score is reported
 
 
+@functools.lru_cache(maxsize=4096)
+def bucket_edge(growth: float, min_ms: float, i: int) -> float:
+    """Upper edge (ms) of bucket ``i``: bucket 0 holds <= min_ms, bucket i (min_ms*g^(i-1), min_ms*g^i]."""
+    return float(f"{min_ms * growth ** i:.6g}")
+
+
+class Histogram:
+    """Log-bucket latency histograms merged (from one window or many records, of one device or many):
+    percentiles of the merged counts are percentiles of all the requests, unlike a mean of percentiles.
+    Records with other bucket parameters merge too (each bucket counts at its upper edge)."""
+
+    def __init__(self) -> None:
+        self._raw: dict[tuple[float, float], dict[Any, int]] = {}  # (growth, min_ms) -> {bucket: count}
+        self.count = 0
+
+    def add(self, growth: float, min_ms: float, counts: dict[Any, int]) -> "Histogram":
+        """``counts``: {bucket number (int or its decimal string): requests}."""
+        mine = self._raw.setdefault((growth, min_ms), {})
+        for k, c in counts.items():
+            mine[k] = mine.get(k, 0) + c
+        self.count += sum(counts.values())
+        return self
+
+    def add_doc(self, hist: dict[str, Any] | None) -> "Histogram":
+        """A record's ``inference.hist`` ({growth, min_ms, counts}); None adds nothing."""
+        return self.add(hist["growth"], hist["min_ms"], hist["counts"]) if hist else self
+
+    def percentile(self, q: float) -> float | None:
+        """The upper edge of the bucket holding the q-th percentile request (within one bucket width)."""
+        if not self.count:
+            return None
+        by_edge: dict[float, int] = {}
+        for (g, m), counts in self._raw.items():
+            for k, c in counts.items():
+                e = bucket_edge(g, m, int(k))
+                by_edge[e] = by_edge.get(e, 0) + c
+        need, acc = max(1, math.ceil(self.count * q / 100)), 0
+        for edge in sorted(by_edge):
+            acc += by_edge[edge]
+            if acc >= need:
+                return edge
+        return max(by_edge)
+
+
 class Window:
     """Inference count, errors and a latency histogram since the last snapshot."""
 
@@ -48,17 +93,17 @@ class Window:
             self.buckets[i] += 1
 
     def snapshot(self) -> dict[str, Any]:
+        """count, errors, p50/p95/p99 and the histogram itself, sparse ({bucket: count}), so that the host
+        can merge records and compute true percentiles over any set of them."""
         with self._lock:
             count, errors, b = self.count, self.errors, self.buckets
             self._reset()
+        counts = {i: c for i, c in enumerate(b) if c}
+        h = Histogram().add(_GROWTH, _MIN_MS, counts)
         out: dict[str, Any] = {"count": count, "errors": errors}
-        cum = np.cumsum(b)
         for q in (50, 95, 99):
-            if count:
-                i = int(np.searchsorted(cum, math.ceil(count * q / 100)))
-                out[f"p{q}_ms"] = round(_MIN_MS * _GROWTH ** i, 4)  # the bucket's upper edge
-            else:
-                out[f"p{q}_ms"] = None
+            out[f"p{q}_ms"] = h.percentile(q)
+        out["hist"] = {"growth": _GROWTH, "min_ms": _MIN_MS, "counts": {str(i): c for i, c in counts.items()}}
         return out
 
 
@@ -131,8 +176,10 @@ class Drift:
                 if ref is None or n == 0:
                     continue
                 ins.append({"name": ref[0], "psi": round(psi(ref[2], counts / n), 4),
-                            "mean_shift_std": round(abs(s / n - ref[3]) / ref[4], 3)})
-            outs = [{"name": name, "psi": round(psi(p, c / c.sum()), 4), "p": [round(x, 4) for x in c / c.sum()]}
+                            "mean_shift_std": round(abs(s / n - ref[3]) / ref[4], 3),
+                            "counts": [int(x) for x in counts], "ref_p": [float(x) for x in ref[2]]})
+            outs = [{"name": name, "psi": round(psi(p, c / c.sum()), 4), "p": [round(x, 4) for x in c / c.sum()],
+                     "counts": [int(x) for x in c]}
                     for (name, p), c in zip(self.outputs, self.out_counts) if c.sum()]
             rows = self.rows
             self._reset()

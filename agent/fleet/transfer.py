@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from agent.errors import DeltaError, ProtocolError
 from agent.fleet import delta
-from agent.fleet.protocol import Desired, bundle_topic, delta_topic, parse_message
+from agent.fleet.protocol import Desired, Index, bundle_topic, delta_topic, parse_index
 from agent.serve.service import Agent
 from agent.store import atomic_write, sweep_temp
 
@@ -73,20 +73,15 @@ class Transfer:
         p = self.pending
         if not p or not payload or topic != f"{p['prefix']}/index":
             return
-        idx = parse_message(payload, topic, None, expect_type="index")
+        idx = parse_index(payload, topic)
         d: Desired = p["desired"]
         if p["base"]:
-            meta = idx.get("delta")
-            if (not isinstance(meta, dict) or meta.get("target_sha256") != d.sha256
-                    or meta.get("target_size") != d.size or meta.get("base_sha256") != p["base"]
-                    or meta.get("codec") != delta.CODEC or not isinstance(meta.get("window_log"), int)):
+            meta = idx.delta
+            if (meta is None or meta.target_sha256 != d.sha256 or meta.target_size != d.size
+                    or meta.base_sha256 != p["base"] or meta.codec != delta.CODEC):
                 raise ProtocolError(f"{topic}: delta index does not match the desired bundle")
-        elif idx.get("sha256") != d.sha256 or idx.get("size") != d.size:
+        elif idx.sha256 != d.sha256 or idx.size != d.size:
             raise ProtocolError(f"{topic}: index does not match the desired bundle")
-        chunks, size, cs = idx.get("chunks"), idx.get("size"), idx.get("chunk_size")
-        if (not isinstance(chunks, list) or not isinstance(size, int) or not isinstance(cs, int) or cs <= 0
-                or len(chunks) != -(-size // cs) or not all(isinstance(c, str) for c in chunks)):
-            raise ProtocolError(f"{topic}: malformed chunk list")
         self.client.unsubscribe(topic)
         if not p["base"] and (base := self._delta_base(idx)):
             p["base"], p["prefix"] = base, delta_topic(self.fleet, d.sha256, base)
@@ -96,7 +91,7 @@ class Transfer:
         p["index"] = idx
         folder = self._folder()
         folder.mkdir(exist_ok=True)
-        missing = [i for i, h in enumerate(chunks) if not _have(folder, i, h)]
+        missing = [i for i, h in enumerate(idx.chunks) if not _have(folder, i, h)]
         p["missing"] = set(missing)
         if not missing:
             self._assemble()
@@ -107,10 +102,11 @@ class Transfer:
         p = self.pending
         if not p or not p.get("index") or not topic.startswith(f"{p['prefix']}/chunk/"):
             return  # late duplicate, or a chunk of another transfer
-        i = int(topic.rsplit("/", 1)[1])
-        if i not in p["missing"]:
+        i = topic.rsplit("/", 1)[1]
+        if not i.isdigit() or int(i) not in p["missing"]:
             return  # a duplicate of a chunk we already stored (or not a chunk of this bundle)
-        if hashlib.sha256(payload).hexdigest() != p["index"]["chunks"][i]:
+        i = int(i)
+        if hashlib.sha256(payload).hexdigest() != p["index"].chunks[i]:
             log.warning("%s: chunk hash mismatch, waiting for a good copy", topic)
             return
         atomic_write(self._folder() / f"{i}.chunk", payload, durable=False)  # re-checked by hash on resume
@@ -129,15 +125,16 @@ class Transfer:
         p = self.pending
         assert p is not None
         d: Desired = p["desired"]
-        idx, folder = p["index"], self._folder()
+        idx: Index = p["index"]
+        folder = self._folder()
         bundle = self.dir / f"{d.sha256}.bundle"
         h = hashlib.sha256()
         with open(bundle if not p["base"] else folder / "patch", "wb") as out:  # streamed: no bundle-sized buffer
-            for k in range(len(idx["chunks"])):
+            for k in range(len(idx.chunks)):
                 data = (folder / f"{k}.chunk").read_bytes()
                 h.update(data)
                 out.write(data)
-        if h.hexdigest() != idx["sha256"]:
+        if h.hexdigest() != idx.sha256:
             shutil.rmtree(folder, ignore_errors=True)
             bundle.unlink(missing_ok=True)
             raise ProtocolError(f"bundle {d.sha256[:12]}: assembled file does not match its hash")
@@ -155,15 +152,13 @@ class Transfer:
         self.ready(d, bundle, {"mode": mode, "bytes": self.rx_bytes, "bundle_bytes": d.size})
 
     # ------------------------------------------------------------ delta
-    def _delta_base(self, idx: dict[str, Any]) -> str | None:
+    def _delta_base(self, idx: Index) -> str | None:
         """The hash of our patch base when the index offers a patch against it (and we can apply one)."""
-        if self.agent.current is None or self.pending is None or self.pending["no_delta"] or not delta.available():
-            return None
-        offered = idx.get("deltas")
-        if not isinstance(offered, list) or not offered:
+        if (self.agent.current is None or self.pending is None or self.pending["no_delta"] or not delta.available()
+                or not idx.deltas):
             return None
         sha = hashlib.sha256(self._base_content()).hexdigest()
-        return sha if sha in offered else None
+        return sha if sha in idx.deltas else None
 
     def _base_content(self) -> bytes:
         cur = self.agent.current
@@ -178,7 +173,7 @@ class Transfer:
         base = self._base_content()
         if hashlib.sha256(base).hexdigest() != p["base"]:
             raise DeltaError("the bundle the patch is based on is no longer active")
-        data = delta.apply_patch(base, patch.read_bytes(), d.sha256, d.size, int(p["index"]["delta"]["window_log"]))
+        data = delta.apply_patch(base, patch.read_bytes(), d.sha256, d.size, p["index"].delta.window_log)
         atomic_write(bundle, data, durable=False)  # verified again by the install engine
 
     # ------------------------------------------------------------ HTTP(S)

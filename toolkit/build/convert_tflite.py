@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from agent.layout import samples
 from toolkit.errors import ConversionError
 from toolkit.build.ingest import SourceModel
-from toolkit.tfenv import import_tf
+from toolkit.tfenv import import_tf, quiet_stderr
 
 CALIBRATION_SAMPLES = 200
 
@@ -77,7 +76,7 @@ def convert(source: SourceModel, precision: str, calib: list[np.ndarray] | None,
 def run_converter(fn: Any, what: str) -> Any:
     sink = io.StringIO()
     try:
-        with contextlib.redirect_stdout(sink), _quiet_fd2():
+        with contextlib.redirect_stdout(sink), quiet_stderr():
             return fn()
     except Exception as exc:  # the converter raises ConverterError / ValueError / RuntimeError
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -85,19 +84,3 @@ def run_converter(fn: Any, what: str) -> Any:
                                                              or "tf." in ln)]
         detail = "; ".join((ops or lines)[:6])
         raise ConversionError(f"{what} failed: {detail}") from exc
-
-
-@contextlib.contextmanager
-def _quiet_fd2() -> Iterator[None]:
-    """The MLIR converter prints to the C-level stderr; keep the user's terminal readable."""
-    if os.environ.get("EDGESHIP_DEBUG"):
-        yield
-        return
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)

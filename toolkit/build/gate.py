@@ -209,16 +209,18 @@ def p95_text(lat: dict[str, Any]) -> str:
 
 
 def table(results: list[VariantResult], refused: list[tuple[str, str]] = ()) -> str:
+    from toolkit.units import fmt_ms
+
     lines = [f"{'profile':<18} {'runtime':<14} {'variant':<15} {'size MB':>8} {'fidelity':>13} "
-             f"{'p50 ms':>8} {'p95 ms':>8}  result"]
+             f"{'p50':>9} {'p95 ms':>8}  result"]
     for r in results:
         p50 = r.latency.get("p50_ms")
         verdict = "CHOSEN" if r.chosen else "pass" if r.passed else "FAIL: " + "; ".join(r.reasons)
         if r.metrics.get("reference") == "self" and r.passed:
             verdict += " (the reference is this .tflite file itself: fidelity 1 by construction)"
         lines.append(f"{r.profile:<18} {r.runtime:<14} {r.precision:<15} {r.size_bytes / 1e6:>8.3f} "
-                     f"{fidelity(r):>13} {'-' if p50 is None else f'{p50:.3f}':>8} {p95_text(r.latency):>8}  "
+                     f"{fidelity(r):>13} {fmt_ms(p50):>9} {p95_text(r.latency):>8}  "
                      f"{verdict}")
     for name, reason in refused:
-        lines.append(f"{name:<18} {'-':<14} {'-':<15} {'-':>8} {'-':>13} {'-':>8} {'-':>8}  REFUSED: {reason}")
+        lines.append(f"{name:<18} {'-':<14} {'-':<15} {'-':>8} {'-':>13} {'-':>9} {'-':>8}  REFUSED: {reason}")
     return "\n".join(lines)

@@ -382,6 +382,6 @@ class _Ctx:
 
 
 def write_summary(result: BuildResult, path: Path) -> None:
-    atomic_write(path, json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str).encode())
+    atomic_write(path, json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str).encode(), public=True)
 
 

@@ -103,12 +103,12 @@ def run_fleet(workdir: Path, keyring: Path, registry: Path, key, v1: Path, build
         procs.wait_ready()
         col = Collector(broker, FLEET, fleet_db).start()
         end = time.time() + 30
-        while len([d for d in devices(broker, FLEET, wait=0.5) if d.get("online")]) < agents and time.time() < end:
-            pass
+        while len([d for d in devices(broker, FLEET) if d.get("online")]) < agents and time.time() < end:
+            time.sleep(0.2)  # poll the retained presence until every agent said it is online
         ro = Rollouts(registry, broker, FLEET, lambda: Publisher(broker, FLEET, key), wait=0.5,
                       echo=lambda m: echo(f"    {m}"), fleet_db=fleet_db)
-        echo(f"5/7 rollout of {v1.name}: canary wave (25%), then the rest")
-        r1 = ro.start(v1, GROUP, canary_pct=25, timeout=120)
+        echo(f"5/7 rollout of {v1.name}: canary wave (25%), watched for 3 s, then the rest")
+        r1 = ro.start(v1, GROUP, canary_pct=25, timeout=120, observe=3.0)  # the canary alone: visible in the report
         if r1["state"] != "completed":
             raise RuntimeError(f"rollout 1 {r1['state']}: {r1.get('error')}")
         model = inspect_bundle(v1)[0]["name"]
@@ -138,17 +138,22 @@ def run_fleet(workdir: Path, keyring: Path, registry: Path, key, v1: Path, build
         r2 = ro.start(v2, GROUP, canary_pct=25, timeout=120, observe=4.0)
         if r2["state"] != "completed":
             raise RuntimeError(f"rollout 2 {r2['state']}: {r2.get('error')}")
-        reports = devices(broker, FLEET, wait=1.0)
+        reports = devices(broker, FLEET)
         moved = [d for d in reports if d.get("transfer")]
         size = v2.stat().st_size
         for d in moved:
             t = d["transfer"]
             echo(f"    {d['device']}: v{d['version']} via {t['mode']}, {t['bytes']} of {size} bundle bytes "
                  f"({t['bytes'] / size:.1%})")
-        time.sleep(2.5)  # one more telemetry round
         db = open_db(fleet_db)
         try:
-            echo(table(status(db, window=120)))
+            since = time.time()  # one more telemetry round from every device, all on v2 by now
+            ok = lambda: db.execute("SELECT COUNT(DISTINCT device) FROM telemetry WHERE t > ? AND version = 2",  # noqa: E731
+                                    (since,)).fetchone()[0] >= agents
+            end = time.time() + 30
+            while not ok() and time.time() < end:
+                time.sleep(0.2)
+            echo(table(status(db, window=120), window=120))
         finally:
             db.close()
         report = write_report(fleet_db, workdir / "fleet-report.html")

@@ -9,7 +9,6 @@ topics, which are idempotent upserts.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import sqlite3
@@ -18,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.errors import ProtocolError
 from agent.fleet.mqtt import Broker, connect_blocking, make_client
-from agent.fleet.protocol import PREFIX
+from agent.fleet.protocol import PREFIX, parse_device_topic, parse_presence, parse_reported, parse_telemetry
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
@@ -40,17 +40,16 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE TABLE IF NOT EXISTS rejected (t REAL, topic TEXT, reason TEXT);
 """
+TELEMETRY_COLUMNS = ("device", "seq", "t", "received", "grp", "model", "version", "count", "errors", "p50_ms",
+                     "p95_ms", "p99_ms", "cpu_percent", "rss_bytes", "cpu_temp_c", "disk_free_bytes", "uptime_s",
+                     "drift_flag", "max_psi", "dropped", "doc")
 
 
-def aggregate(db: sqlite3.Connection, where: str, args: list[Any]) -> tuple[int, int, float | None, int]:
-    """Requests, errors, request-weighted p95 (ms) and the highest drop count over matching telemetry."""
-    n, errs, p95, dropped = db.execute(
-        "SELECT SUM(count), SUM(errors), SUM(p95_ms * count) / NULLIF(SUM(count), 0), MAX(dropped) "
-        f"FROM telemetry WHERE {where}", args).fetchone()
-    return int(n or 0), int(errs or 0), p95, int(dropped or 0)
-
-
-def open_db(path: Path) -> sqlite3.Connection:
+def open_db(path: Path, must_exist: bool = False) -> sqlite3.Connection:
+    """The fleet database (created unless ``must_exist``: the commands that only read it refuse a typo)."""
+    if must_exist and not path.is_file():
+        raise ToolkitError(f"{path}: no fleet database there (`edgeship fleet collect` writes one; "
+                           "check --db or --home)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
@@ -63,60 +62,35 @@ def open_db(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _num(x: Any) -> float | None:
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        x = float(x)
-        return x if abs(x) < 1e18 else None  # also drops inf/nan-free giants SQLite cannot bind as integers
-    return None
-
-
-def _int(x: Any) -> int | None:
-    return x if isinstance(x, int) and not isinstance(x, bool) and abs(x) < 2**62 else None
-
-
-def parse(topic: str, payload: bytes) -> tuple[str, tuple] | None:
-    """A stored row for one message: ("telemetry" | "reported" | "presence", values). ValueError if malformed."""
-    parts = topic.split("/")
-    if len(parts) != 6 or parts[3] != "device":
-        return None  # not ours (some brokers, e.g. amqtt, deliver more than the filters match)
-    device, kind = parts[4], parts[5]
-    if not payload:
-        return None  # a cleared retained message
-    if len(payload) > 256 * 1024:
-        raise ValueError(f"{len(payload)} bytes is too large")
-    doc = json.loads(payload)
-    if not isinstance(doc, dict) or doc.get("v") != 1:
-        raise ValueError("not an edgeship v1 message")
-    now = time.time()
-    if kind == "telemetry":
-        inf, sysd, drift = doc.get("inference") or {}, doc.get("system") or {}, doc.get("drift") or {}
-        seq = doc.get("seq")
-        if (not isinstance(seq, int) or not 0 < seq < 2**62
-                or not all(isinstance(x, dict) for x in (inf, sysd, drift))):
-            raise ValueError("telemetry without seq or with malformed sections")
-        return "telemetry", (device, doc["seq"], _num(doc.get("t")) or now, now, str(doc.get("group") or ""),
-                             doc.get("model") if isinstance(doc.get("model"), str) else None,
-                             _int(doc.get("version")),
-                             int(_num(inf.get("count")) or 0), int(_num(inf.get("errors")) or 0),
-                             _num(inf.get("p50_ms")), _num(inf.get("p95_ms")), _num(inf.get("p99_ms")),
-                             _num(sysd.get("cpu_percent")), _num(sysd.get("rss_bytes")), _num(sysd.get("cpu_temp_c")),
-                             _num(sysd.get("disk_free_bytes")), _num(sysd.get("uptime_s")),
-                             int(bool(drift.get("flag"))), _num(drift.get("max_psi")),
-                             int(_num(doc.get("dropped")) or 0), payload.decode())
-    t = _num(doc.get("t")) or now
-    seen = min(t, now)  # the device's clock, but never in the future (a retained message keeps its age)
+def parse(fleet: str, topic: str, payload: bytes, now: float | None = None) -> tuple[str, tuple] | None:
+    """A stored row for one message: ("telemetry" | "reported" | "presence", values); None for a topic that is
+    not one of this fleet's device topics or a cleared retained message. ProtocolError if malformed."""
+    where = parse_device_topic(fleet, topic, ("telemetry", "reported", "presence"))
+    if where is None or not payload:
+        return None  # not ours (amqtt delivers retained messages outside the filters), or cleared
+    device, kind = where
+    now = time.time() if now is None else now
+    if kind == "telemetry":  # checked here, once: the histogram and drift counts are read from doc (stats.py)
+        r = parse_telemetry(payload, topic, device)
+        drift, sysd = r.drift or {}, r.system
+        return "telemetry", (device, r.seq, r.t or now, now, r.group, r.model, r.version, r.count, r.errors,
+                             r.p50_ms, r.p95_ms, r.p99_ms, sysd["cpu_percent"], sysd["rss_bytes"],
+                             sysd["cpu_temp_c"], sysd["disk_free_bytes"], sysd["uptime_s"],
+                             int(bool(drift.get("flag"))), drift.get("max_psi"), r.dropped, payload.decode())
     if kind == "presence":
-        return "presence", (device, int(bool(doc.get("online"))), t, _num(doc.get("heartbeat_s")), seen)
-    if kind == "reported":
-        model, version, sha = doc.get("model"), doc.get("version"), doc.get("installed_sha256")
-        return "reported", (device, str(doc.get("group") or ""), model if isinstance(model, str) else None,
-                            _int(version), str(doc.get("status") or ""),
-                            str(doc.get("error") or "")[:500], sha if isinstance(sha, str) else None, t, seen)
-    return None
+        p = parse_presence(payload, topic)
+        t = p.t or now
+        return "presence", (device, int(p.online), t, p.heartbeat_s, min(t, now))
+    rep = parse_reported(payload, topic, device)
+    t = rep.t or now
+    seen = min(t, now)  # the device's clock, but never in the future (a retained message keeps its age)
+    return "reported", (device, rep.group, rep.model, rep.version, rep.status, rep.error[:500], rep.installed_sha256,
+                        t, seen)
 
 
 SQL = {
-    "telemetry": "INSERT OR IGNORE INTO telemetry VALUES (" + ",".join("?" * 21) + ")",
+    "telemetry": f"INSERT OR IGNORE INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
+                 f"VALUES ({','.join('?' * len(TELEMETRY_COLUMNS))})",
     "presence": "INSERT INTO devices (device, online, presence_t, heartbeat_s, last_seen) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(device) DO UPDATE SET online=excluded.online, presence_t=excluded.presence_t, "
                 "heartbeat_s=COALESCE(excluded.heartbeat_s, heartbeat_s), "
@@ -144,11 +118,23 @@ class Collector:
                                   clean_session=client_id is None)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.subscribed = threading.Event()  # the broker acknowledged the subscriptions (SUBACK)
         self._writer = threading.Thread(target=self._write, name="edgeship-collector", daemon=True)
 
-    def start(self) -> "Collector":
-        connect_blocking(self.client, self.broker)
+    def start(self, timeout: float = 15.0) -> "Collector":
+        """Connect and return once the broker acknowledged the subscriptions: every message published from
+        then on is collected."""
+        try:
+            connect_blocking(self.client, self.broker)
+        except Exception:
+            self.db.close()
+            raise
         self._writer.start()
+        if not self.subscribed.wait(timeout):
+            self.stop()
+            raise ToolkitError(f"broker {self.broker.host}:{self.broker.port} did not acknowledge the collector's "
+                               f"subscriptions within {timeout:g} s")
         return self
 
     def stop(self) -> None:
@@ -184,8 +170,8 @@ class Collector:
                     continue
                 topic, payload = item
                 try:
-                    row = parse(topic, payload)
-                except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                    row = parse(self.fleet, topic, payload)
+                except ProtocolError as exc:
                     row = ("rejected", (time.time(), topic[:200], f"{type(exc).__name__}: {exc}"[:300]))
                 if row is not None:
                     rows.setdefault(row[0], []).append(row[1])

@@ -4,7 +4,6 @@ retained desired state of a device or group."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,8 @@ from typing import Any
 from agent.bundle import inspect_bundle
 from agent.fleet.mqtt import Broker, connect_blocking, make_client
 from agent.fleet import delta
-from agent.fleet.protocol import bundle_topic, chunk_index, delta_topic, desired_doc, device_topic, group_topic, sign_message
+from agent.fleet.protocol import (Patch, bundle_topic, delta_topic, desired_doc, device_topic, encode, group_topic,
+                                  index_doc, sign_message)
 from toolkit.errors import BundleError, ToolkitError
 from toolkit.signing import SigningKey
 
@@ -39,7 +39,7 @@ class Publisher:
         cs = idx["chunk_size"]
         infos = [self.client.publish(f"{prefix}/chunk/{i}", data[i * cs:(i + 1) * cs], qos=1, retain=True)
                  for i in range(len(idx["chunks"]))]
-        infos.append(self.client.publish(f"{prefix}/index", json.dumps(idx), qos=1, retain=True))
+        infos.append(self.client.publish(f"{prefix}/index", encode(idx), qos=1, retain=True))
         return infos
 
     def upload(self, bundle: Path, bases: list[Path] = ()) -> dict[str, Any]:
@@ -53,12 +53,10 @@ class Publisher:
             p = delta.make_patch(base_content(base), data)
             if len(p["patch"]) >= len(data) or p["base_sha256"] in deltas:
                 continue  # not smaller: devices on that version take the full bundle
-            meta = {"target_sha256": sha, "target_size": len(data), "base_sha256": p["base_sha256"],
-                    "codec": delta.CODEC, "window_log": p["window_log"]}
-            idx = chunk_index(p["patch"], delta=meta)
+            idx = index_doc(p["patch"], delta=Patch(sha, len(data), p["base_sha256"], delta.CODEC, p["window_log"]))
             infos += self._put(delta_topic(self.fleet, sha, p["base_sha256"]), p["patch"], idx)
             deltas[p["base_sha256"]] = len(p["patch"])
-        idx = chunk_index(data, deltas=sorted(deltas))
+        idx = index_doc(data, deltas=list(deltas))
         infos += self._put(bundle_topic(self.fleet, sha), data, idx)
         self._wait(infos, bundle.name)
         return {"sha256": sha, "size": len(data), "chunks": len(idx["chunks"]), "model": doc["name"],
@@ -67,9 +65,7 @@ class Publisher:
     def desire(self, model: str, version: int, sha256: str, size: int, device: str | None = None,
                group: str | None = None, url: str = "", rollback_to: int | None = None) -> str:
         target = f"device:{device}" if device else f"group:{group}"
-        desired = desired_doc(model, version, sha256, size, target, url)
-        if rollback_to is not None:
-            desired["rollback_to"] = rollback_to
+        desired = desired_doc(model, version, sha256, size, target, url, rollback_to)
         topic = device_topic(self.fleet, device, "desired") if device else group_topic(self.fleet, group or "")
         payload = sign_message(desired, self.key.key_id, self.key.sign)
         self.retain(topic, payload)

@@ -2,11 +2,13 @@
 
 Rollout state lives in the registry (SQLite), saved after every step, so `edgeship rollout
 status/resume/abort` work after the host process restarts. A wave fails when its devices fail to
-install (including a golden-set refusal) or, with an observation window, when their telemetry shows
-a worse error rate or p95 latency on the new version than the replaced version shows (the rest of
-the group during the same window, and the wave's own devices before the rollout). Offline devices
-skip the waves; a completed rollout sets the group's desired state, so they (and devices that join the
-group later) converge when they connect.
+install (including a golden-set refusal) or, with an observation window, when their telemetry on the
+new version is worse than the control's: the same model on the replaced version in the same group
+(the devices outside the wave during the same window, and the wave's own devices before the rollout).
+Worse means a higher error rate, a higher p95 (from the merged latency histograms), a different
+predicted-class distribution, or inputs further from the model's reference than the control's are
+from its own (see health_verdict). Offline devices skip the waves; a completed rollout sets the group's
+desired state, so they (and devices that join the group later) converge when they connect.
 """
 
 from __future__ import annotations
@@ -15,17 +17,32 @@ import json
 import math
 import sqlite3
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from agent.fleet.mqtt import Broker
 from toolkit.errors import ToolkitError
-from toolkit.fleet.watcher import FleetWatcher, devices
 from toolkit.fleet.publish import Publisher
+from toolkit.fleet.stats import Stats, class_shift, query
+from toolkit.fleet.watcher import FleetWatcher, devices
+from toolkit.units import fmt_ms
 
 POLL_S = 0.25  # how often a waiting wave looks at the live reports
 MIN_REQUESTS = 20  # fewer requests than this on either side: no telemetry verdict
+MIN_PREDICTIONS = 100  # fewer predictions than this on either side: no class-distribution verdict
 BASELINE_WINDOW = 600.0  # seconds of pre-rollout telemetry that count as the baseline
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """How much worse than the control a wave may be before the rollout halts."""
+
+    max_error_increase: float = 0.02  # error rate, absolute (0.02 = 2 points)
+    max_p95_increase: float = 0.25  # p95 latency, relative (0.25 = 25% slower)
+    max_class_psi: float = 0.25  # PSI between the wave's and the control's predicted-class distributions
+    max_input_psi_increase: float = 0.25  # the wave's input PSI (vs its reference) minus the control's
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -36,8 +53,11 @@ CREATE TABLE IF NOT EXISTS rollouts (
 
 
 class Rollouts:
-    def __init__(self, db: Path, broker: Broker, fleet: str, pub_factory: Callable[[], Publisher],
-                 wait: float = 1.0, echo: Callable[[str], None] = lambda m: None, fleet_db: Path | None = None):
+    def __init__(self, db: Path, broker: Broker | None = None, fleet: str = "",
+                 pub_factory: Callable[[], Publisher] | None = None, wait: float = 1.0,
+                 echo: Callable[[str], None] = lambda m: None, fleet_db: Path | None = None):
+        """Without a broker and publisher only ``get``, ``list`` and ``abort`` work (they read and write
+        the registry only)."""
         self.db = sqlite3.connect(str(db), timeout=30)
         self.db.row_factory = sqlite3.Row
         self.db.executescript(SCHEMA)
@@ -74,8 +94,8 @@ class Rollouts:
                             (time.time(), r["state"], json.dumps(r["plan"]), r.get("error", ""), r["id"]))
 
     def start(self, bundle: Path, group: str, canary_pct: float, max_failures: int = 0,
-              timeout: float = 300, observe: float = 0.0, max_error_increase: float = 0.02,
-              max_p95_increase: float = 0.25, delta_from: list[Path] = ()) -> dict[str, Any]:
+              timeout: float = 300, observe: float = 0.0, thresholds: Thresholds = Thresholds(),
+              delta_from: list[Path] = ()) -> dict[str, Any]:
         members = [d for d in devices(self.broker, self.fleet) if d.get("group") == group]
         if not members:
             raise ToolkitError(f"group {group!r} has no devices reporting in fleet {self.fleet!r}")
@@ -97,8 +117,7 @@ class Rollouts:
         for base, size in info["deltas"].items():
             self.echo(f"delta for devices running bundle base {base[:12]}: {size} bytes ({size / info['size']:.1%} of the bundle)")
         plan = {"waves": waves, "wave": 0, "max_failures": max_failures, "timeout": timeout, "observe": observe,
-                "max_error_increase": max_error_increase, "max_p95_increase": max_p95_increase,
-                "started": time.time(), "offline": offline,
+                **asdict(thresholds), "started": time.time(), "offline": offline,
                 "previous": {d["device"]: {"version": d.get("version"), "sha256": d.get("installed_sha256")}
                              for d in members}, "results": {}}
         with self.db:
@@ -223,54 +242,66 @@ class Rollouts:
         from toolkit.fleet.collector import Collector, open_db
 
         plan = r["plan"]
-        since = time.time()
         self.echo(f"  observing the wave's telemetry for {plan['observe']:g}s")
         col = Collector(self.broker, self.fleet, self.fleet_db).start()
+        since = time.time()
         try:
-            time.sleep(plan["observe"])
+            time.sleep(plan["observe"])  # the observation window itself
         finally:
             col.stop()
         db = open_db(self.fleet_db)
         try:
             old_versions = {p.get("version") for p in plan["previous"].values()} - {None, r["version"]}
-            verdict, summary = health_verdict(db, wave, r["version"], sorted(old_versions), since,
-                                              plan["started"] - BASELINE_WINDOW, plan["max_error_increase"],
-                                              plan["max_p95_increase"])
+            th = Thresholds(**{k: plan[k] for k in asdict(Thresholds()) if k in plan})
+            verdict, summary = health_verdict(db, wave, r["model"], r["grp"], r["version"], sorted(old_versions),
+                                              since, time.time(), plan["started"], th)
         finally:
             db.close()
         self.echo(f"  telemetry: {summary}")
         return verdict
 
 
-def _stats(db: sqlite3.Connection, where: str, args: list[Any]) -> tuple[int, float, float | None]:
-    from toolkit.fleet.collector import aggregate
-
-    n, errs, p95, _ = aggregate(db, where, args)
-    return n, errs / n if n else 0.0, p95
-
-
-def health_verdict(db: sqlite3.Connection, wave: list[str], version: int, old_versions: list[int],
-                   since: float, baseline_since: float, max_error_increase: float,
-                   max_p95_increase: float) -> tuple[str, str]:
-    """Compare the wave on the new version with the replaced version (other devices of the fleet in
-    the same window and the wave before the rollout). Returns (reason to halt or '', summary)."""
+def health_verdict(db: sqlite3.Connection, wave: list[str], model: str, group: str, version: int,
+                   old_versions: list[int], since: float, until: float, started: float,
+                   th: Thresholds = Thresholds()) -> tuple[str, str]:
+    """Compare the wave on the new version with its control: the same model on a replaced version in the
+    same group — the devices outside the wave between ``since`` and ``until``, and the wave's own devices in
+    the BASELINE_WINDOW before the rollout ``started``. Returns (reason to halt or '', summary)."""
     q = ",".join("?" * len(wave))
-    new = _stats(db, f"device IN ({q}) AND version = ? AND t >= ?", [*wave, version, since])
+    new = query(db, f"model = ? AND version = ? AND device IN ({q}) AND t >= ? AND t <= ?",
+                [model, version, *wave, since, until])
     if not old_versions:
-        return "", f"new v{version}: {new[0]} requests, error rate {new[1]:.2%}; no previous version to compare"
+        return "", f"new v{version}: {_side(new)}; no previous version to compare"
     v = ",".join("?" * len(old_versions))
-    old = _stats(db, f"version IN ({v}) AND t >= ?", [*old_versions, baseline_since])
-    summary = (f"new v{version}: {new[0]} requests, error rate {new[1]:.2%}, p95 {_ms(new[2])}; "
-               f"replaced v{'/'.join(map(str, old_versions))}: {old[0]} requests, error rate {old[1]:.2%}, "
-               f"p95 {_ms(old[2])}")
-    if new[0] < MIN_REQUESTS or old[0] < MIN_REQUESTS:
+    old = query(db, f"model = ? AND grp = ? AND version IN ({v}) AND ("
+                    f"(device NOT IN ({q}) AND t >= ? AND t <= ?) OR (device IN ({q}) AND t >= ? AND t <= ?))",
+                [model, group, *old_versions, *wave, since, until, *wave, started - BASELINE_WINDOW, started])
+    shift, output = class_shift(new, old, MIN_PREDICTIONS)
+    new_in, old_in = new.input_psi(), old.input_psi()
+    summary = (f"new v{version}: {_side(new)}; control (v{'/'.join(map(str, old_versions))} in group {group}): "
+               f"{_side(old)}; predicted-class PSI {_num(shift)}")
+    if new.requests < MIN_REQUESTS or old.requests < MIN_REQUESTS:
         return "", summary + f" (fewer than {MIN_REQUESTS} requests on a side: no telemetry verdict)"
-    if new[1] > old[1] + max_error_increase:
-        return f"error rate {new[1]:.2%} vs {old[1]:.2%} on the replaced version", summary
-    if new[2] is not None and old[2] is not None and new[2] > old[2] * (1 + max_p95_increase):
-        return f"p95 {_ms(new[2])} vs {_ms(old[2])} on the replaced version", summary
+    if (new.error_rate or 0) > (old.error_rate or 0) + th.max_error_increase:
+        return f"error rate {new.error_rate:.2%} vs {old.error_rate:.2%} on the control", summary
+    p95_new, p95_old = new.p(95), old.p(95)
+    if p95_new is not None and p95_old is not None and p95_new > p95_old * (1 + th.max_p95_increase):
+        return f"p95 {fmt_ms(p95_new)} vs {fmt_ms(p95_old)} on the control", summary
+    if shift is not None and shift > th.max_class_psi:
+        return (f"predicted classes of {output!r} differ from the control's (PSI {shift:.3f} > "
+                f"{th.max_class_psi:g})"), summary
+    if new_in is not None and old_in is not None and new_in - old_in > th.max_input_psi_increase:
+        return (f"inputs are further from the new model's reference (PSI {new_in:.3f}) than from the "
+                f"control's (PSI {old_in:.3f})"), summary
+    if shift is None:
+        summary += f" (fewer than {MIN_PREDICTIONS} predictions on a side: no class-distribution verdict)"
     return "", summary
 
 
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f} ms"
+def _side(s: Stats) -> str:
+    return (f"{s.requests} requests, error rate {_num(s.error_rate, '.2%')}, p95 {fmt_ms(s.p(95))}, "
+            f"input PSI {_num(s.input_psi())}")
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
