@@ -43,6 +43,10 @@ class RegistryError(ToolkitError):
     """The build registry cannot be opened or written."""
 
 
+class MlflowError(ToolkitError):
+    """An MLflow tracking store or model registry cannot be reached, read or written (or MLflow is missing)."""
+
+
 class BuildFailed(ValidationError):
     """No variant passed for at least one profile; bundles of the other profiles were written."""
 

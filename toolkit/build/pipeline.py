@@ -56,6 +56,7 @@ class BuildOptions:
     selective: bool = True
     variant: str | None = None  # pin the chosen precision (must pass the gate)
     keep_variants: Path | None = None  # keep every variant file in this folder
+    source_origin: dict[str, Any] = field(default_factory=dict)  # where the model came from (MLflow URI…)
 
 
 @dataclass
@@ -81,10 +82,11 @@ class BuildResult:
     version: int
     profiles: list[ProfileResult]
     notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)  # as signed into every bundle's manifest
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "notes": self.notes,
-                "profiles": [p.to_dict() for p in self.profiles]}
+                "provenance": self.provenance, "profiles": [p.to_dict() for p in self.profiles]}
 
     def table(self) -> str:
         return table([v for p in self.profiles for v in p.variants])
@@ -123,7 +125,8 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
         qat_model = finetune.qat(source, train, opts.epochs, base=keras_model)
     factory = VariantFactory(source, calib.inputs, keras_model, qat_model)
     stats = input_stats([s.name for s in source.inputs], calib.inputs)
-    provenance = {"source": {"file": opts.model.name, "kind": source.kind, "sha256": source.sha256},
+    provenance = {"source": {"file": opts.model.name, "kind": source.kind, "sha256": source.sha256,
+                             **({"origin": opts.source_origin} if opts.source_origin else {})},
                   "calibration_sha256": calib.sha256, "validation_sha256": val.sha256,
                   **({"training_sha256": train.sha256} if train else {}),
                   "fine_tuning": {"prune": opts.prune, "qat": opts.qat,
@@ -159,7 +162,7 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                                          size_bytes=pr.chosen.size_bytes, bundle_path=str(out.resolve()),
                                          bundle_sha256=pr.bundle_sha256, metrics=pr.to_dict())
             results.append(pr)
-    result = BuildResult(name, version, results, notes)
+    result = BuildResult(name, version, results, notes, provenance)
     failed = [p.profile.name for p in results if p.chosen is None]
     if failed:
         raise BuildFailed(result, f"no variant passed the validation gate for: {', '.join(failed)}")
