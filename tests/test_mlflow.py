@@ -15,7 +15,7 @@ mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed
 
 from toolkit.cli import cli  # noqa: E402
 from toolkit.errors import MlflowError  # noqa: E402
-from toolkit.mlflow_link import BuildLog, fetch_model, find_model, tracking_uri  # noqa: E402
+from toolkit.mlflow_link import BuildLog, fetch_model, find_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

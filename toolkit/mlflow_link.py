@@ -186,7 +186,7 @@ class BuildLog:
     def record(self, summary: dict[str, Any], profiles: list[dict[str, Any]], options: dict[str, Any],
                artifacts: dict[str, list[Path]], failed: str = "") -> str:
         """Log one finished (or failed) build; returns the run id. ``artifacts``: MLflow folder -> files."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         params, metrics, tags = build_params(summary, profiles, options), build_metrics(summary), build_tags(summary)
         now = int(time.time() * 1000)
