@@ -49,9 +49,9 @@ def has_image(name: str) -> bool:
     return podman("image", "exists", name, check=False).returncode == 0
 
 
-def build(what: str, tag: str | None = None, timeout: float = 1800) -> str:
-    """``base``, ``agent`` or ``host`` for this machine's arch; returns the image name."""
-    args = ["bash", str(BUILD), what] + (["--tag", tag] if tag else [])
+def build(what: str, tag: str | None = None, arch: str | None = None, timeout: float = 1800) -> str:
+    """``base``, ``agent`` or ``host`` for ``arch`` (amd64, arm64; default: this machine's); returns the image."""
+    args = ["bash", str(BUILD), what] + (["--tag", tag] if tag else []) + (["--arch", arch] if arch else [])
     res = subprocess.run(args, capture_output=True, text=True, env=env(), timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"build.sh {what} failed ({res.returncode}):\n{res.stdout[-1000:]}{res.stderr[-3000:]}")
@@ -134,3 +134,15 @@ def http_json(port: int, method: str, path: str, body: object = None) -> tuple[i
         return res.status, json.loads(res.read() or b"{}")
     finally:
         conn.close()
+
+
+def export(image: str, dest: Path) -> Path:
+    """The image's file system, unpacked into ``dest`` (any architecture: nothing runs)."""
+    cid = podman("create", image).stdout.strip()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        data = subprocess.run(["podman", "export", cid], capture_output=True, env=env(), timeout=600, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=data, check=True, capture_output=True)
+    finally:
+        podman("rm", cid, check=False)
+    return dest

@@ -187,3 +187,50 @@ def test_compose_stack_broker_collector_agents_and_rollout(agent_image, host_ima
         assert bad.returncode != 0
     finally:
         subprocess.run(compose + ["down", "-v"], capture_output=True, env=env, timeout=300)
+
+
+PI4_CPUINFO = "".join(f"processor\t: {i}\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
+                      f"CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n"
+                      for i in range(4)) + "Model\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+
+
+def test_arm64_agent_image_builds_without_emulation_and_runs_under_qemu(podman_ready, digits_build, digits,
+                                                                        keyring, mounts, tmp_path):
+    """The arm64 image is built on this x86_64 machine with no RUN step (so no emulation), from an arm64
+    Debian base extracted by mmdebstrap; its file system then runs a Raspberry Pi 4 bundle under qemu-user
+    like the device would, and answers what the Python API answers here."""
+    import subprocess
+
+    qemu = shutil.which("qemu-aarch64-static")
+    if qemu is None:
+        pytest.skip("qemu-user-static not installed (apt-get install qemu-user-static; .ci/run does)")
+    try:
+        containers.build("base", arch="arm64")
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the arm64 Debian base here: {exc}")
+    image = containers.build("agent", arch="arm64", tag="localhost/edgeship-agent:test-arm64")
+    assert containers.podman("image", "inspect", "--format", "{{.Architecture}}", image).stdout.strip() == "arm64"
+    root = containers.export(image, tmp_path / "root")
+    (root / "proc").mkdir(exist_ok=True)
+    (root / "proc" / "cpuinfo").write_text(PI4_CPUINFO)  # qemu passes the x86 one through: LiteRT would crash
+    keys, _ = mounts
+    bundle = next(p.bundle for p in digits_build.profiles if p.profile.name == "rpi4-arm64")
+    with np.load(digits["validation"]) as npz:
+        x = npz["image"][:5].astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    env = {"QEMU_CPU": "cortex-a72", "PYTHONPATH": "/opt/edgeship/app:/opt/edgeship/deps", "PATH": "/usr/bin"}
+
+    def agent(*args):
+        res = subprocess.run([qemu, "-L", str(root), str(root / "usr/bin/python3"), "-P", "-m", "agent.cli", *args],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    assert "golden max |error|" in agent("verify", str(bundle), "--keyring", str(keys))
+    import json
+
+    got = json.loads(agent("predict", str(bundle), "--keyring", str(keys), "--input", str(tmp_path / "x.npy")))
+    want = _python_api(bundle, keyring, x, tmp_path)
+    (name, out), = got["outputs"].items()
+    np.testing.assert_allclose(np.asarray(out, np.float32), want[name], atol=1e-2)
+    assert (np.asarray(out).argmax(1) == want[name].argmax(1)).all()

@@ -45,17 +45,25 @@ if [ "$CONTAINER" = podman ] && [ -z "${CONTAINERS_CONF:-}" ]; then
 fi
 
 build_base() {
-  local tar="$CACHE/base-bookworm-$arch.tar"
+  local tar="$CACHE/base-bookworm-$arch.tar" tmp="$CACHE/base-bookworm-$arch.partial.tar"  # mmdebstrap: format by suffix
   [ "$CONTAINER" = podman ] || { echo "build.sh base: needs Podman (podman import --arch); with Docker use --base" >&2; exit 2; }
   if [ ! -f "$tar" ]; then
     # Debian's own packages, slimmed like debian:bookworm-slim (no docs, man pages, locales).
-    mmdebstrap --variant=apt --architectures="$arch" --include=python3,ca-certificates \
-      --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
-      --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-      --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
-      --dpkgopt='path-exclude=/usr/share/info/*' \
-      bookworm "$tar.tmp"
-    mv "$tar.tmp" "$tar"
+    local slim=(--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
+                --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
+                --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*'
+                --dpkgopt='path-exclude=/usr/share/info/*')
+    if [ "$machine" = "$(uname -m)" ]; then
+      mmdebstrap --variant=apt --architectures="$arch" --include=python3,ca-certificates,libstdc++6 "${slim[@]}" bookworm "$tmp"
+    else
+      # Another architecture, without emulation: the packages are extracted, not configured (their scripts
+      # would have to run on that CPU). Enough for the agent image (Python, a shell, the CA bundle made
+      # here); no apt, so the host image needs an image built on that architecture.
+      mmdebstrap --variant=extract --architectures="$arch" --include=python3,ca-certificates,libstdc++6,dash "${slim[@]}" \
+        --extract-hook='mkdir -p "$1/etc/ssl/certs" && cat "$1"/usr/share/ca-certificates/mozilla/*.crt > "$1/etc/ssl/certs/ca-certificates.crt"' \
+        bookworm "$tmp"
+    fi
+    mv "$tmp" "$tar"
   fi
   "$CONTAINER" import --arch "$arch" --change 'CMD ["python3"]' "$tar" "localhost/edgeship-base:bookworm-$arch" >/dev/null
   echo "localhost/edgeship-base:bookworm-$arch"
