@@ -99,8 +99,9 @@ def test_sources_from_registry_and_run_artifacts(store, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    got = fetch_model("models:/digits-plain/1", store["uri"], tmp_path / "a")
+    got = fetch_model("models:/digits-plain/latest", store["uri"], tmp_path / "a")
     assert got.path.name == "digits.keras" and got.name == "digits-plain"
+    assert got.origin["model_version"] == "1"  # "latest" (and an alias) are pinned to the version downloaded
     got = fetch_model(f"runs:/{store['run_id']}/plain/digits.keras", store["uri"], tmp_path / "b")
     assert got.path.is_file() and got.origin == {"uri": f"runs:/{store['run_id']}/plain/digits.keras",
                                                   "run_id": store["run_id"], "file": "digits.keras"}

@@ -101,23 +101,34 @@ def fetch_model(uri: str, tracking: str, dest: Path) -> Fetched:
         raise MlflowError(f"{uri}: expected models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/PATH")
     mlflow = _mlflow(tracking_uri(tracking))
     origin: dict[str, Any] = {"uri": uri}
+    exact = uri  # what is downloaded: an alias or "latest" is pinned to its version first
     with _boundary(f"{uri}: cannot resolve in MLflow at {_redact(tracking)}"):
         if m and (m["version"] or m["alias"]):
-            client = mlflow.MlflowClient()
-            mv = (client.get_model_version(m["name"], m["version"]) if m["version"]
-                  else client.get_model_version_by_alias(m["name"], m["alias"]))
+            mv = _model_version(mlflow.MlflowClient(), m["name"], m["version"], m["alias"])
             origin.update(registered_model=mv.name, model_version=str(mv.version), run_id=mv.run_id or "",
                           model_source=mv.source)
+            exact = f"models:/{mv.name}/{mv.version}"
         elif r:
             origin["run_id"] = r["run"]
     dest.mkdir(parents=True, exist_ok=True)
     with _boundary(f"{uri}: download from MLflow at {_redact(tracking)} failed"):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=exact, dst_path=str(dest)))
     path = find_model(local, uri)
     origin["file"] = str(path.relative_to(local)) if path != local else path.name
     log.info("MLflow %s -> %s", uri, path)
     name = m["name"] if m and not m["name"].startswith("m-") else None  # m-…: an MLflow 3 logged-model id
     return Fetched(path, name, origin)
+
+
+def _model_version(client: Any, name: str, version: str | None, alias: str | None) -> Any:
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    if version == "latest":
+        found = client.search_model_versions(f"name = '{name}'")
+        if not found:
+            raise MlflowError(f"models:/{name}/latest: registered model {name!r} has no versions")
+        return max(found, key=lambda v: int(v.version))
+    return client.get_model_version(name, version)
 
 
 def find_model(local: Path, uri: str) -> Path:
