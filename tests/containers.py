@@ -144,5 +144,5 @@ def export(image: str, dest: Path) -> Path:
         data = subprocess.run(["podman", "export", cid], capture_output=True, env=env(), timeout=600, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=data, check=True, capture_output=True)
     finally:
-        podman("rm", cid, check=False)
+        podman("rm", "-v", cid, check=False)  # -v: the anonymous volume of the image's VOLUME
     return dest
