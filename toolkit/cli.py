@@ -78,8 +78,21 @@ class _Progress:
 
 
 # ---------------------------------------------------------------- build
+class _ModelSource(click.ParamType):
+    """A model file or folder that exists, or an MLflow models:/ or runs:/ URI (kept as a string)."""
+
+    name = "model"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path | str:
+        from toolkit.mlflow_link import is_mlflow_uri
+
+        if isinstance(value, str) and is_mlflow_uri(value):
+            return value
+        return click.Path(exists=True, path_type=Path).convert(value, param, ctx)
+
+
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("model", type=_ModelSource())
 @click.option("-p", "--profile", "profiles", multiple=True, required=True,
               help="Device profile name or .toml path (repeatable).")
 @click.option("--validation", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
@@ -110,14 +123,21 @@ class _Progress:
               help="With labels: fail the gate when the fp32 reference accuracy is below this.")
 @click.option("--quick", is_flag=True, help="Short latency runs (smoke tests; numbers are rough).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
+@click.option("--mlflow", "mlflow_uri", metavar="URI",
+              help="Log the build as a run in this MLflow tracking store (sqlite:///mlflow.db, a folder, "
+              "http://…); models:/ and runs:/ sources are looked up there too [else $MLFLOW_TRACKING_URI].")
+@click.option("--mlflow-experiment", default="edgeship", show_default=True, help="MLflow experiment name.")
 @click.pass_obj
-def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path, calibration: Path | None,
+def build(s: Settings, model: Path | str, profiles: tuple[str, ...], validation: Path, calibration: Path | None,
           train: Path | None, name: str | None, version: int | None, meta: Path | None, out: Path,
           key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool,
           keep_variants: bool, variant: str | None, unsafe_deserialization: bool,
-          min_reference_accuracy: float | None, quick: bool,
-          as_json: bool) -> None:
-    """Convert MODEL for each device profile, validate every variant and write signed bundles."""
+          min_reference_accuracy: float | None, quick: bool, as_json: bool, mlflow_uri: str | None,
+          mlflow_experiment: str) -> None:
+    """Convert MODEL for each device profile, validate every variant and write signed bundles.
+
+    MODEL is a Keras (.keras/.h5), SavedModel folder, ONNX or TFLite file, or an MLflow
+    models:/NAME/VERSION (models:/NAME@ALIAS) or runs:/RUN_ID/PATH URI (needs edgeship[mlflow])."""
     from toolkit.build.pipeline import BuildOptions, build as run_build, write_summary
     from toolkit.errors import BuildFailed
     from toolkit.errors import InputError
@@ -128,6 +148,15 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
     from toolkit.signing import load_key, load_or_create
 
     profs = [find_profile(p, _dirs(s)) for p in profiles]
+    mlog = None
+    if mlflow_uri:
+        from toolkit.mlflow_link import BuildLog
+
+        mlog = BuildLog(mlflow_uri, mlflow_experiment)  # a wrong URI fails now, not after the build
+    fetched, origin = None, {}
+    if isinstance(model, str):
+        fetched, model, fetched_name, origin = _fetch(model, mlflow_uri)
+        name = name or fetched_name
     meta_doc: dict[str, Any] = {}
     if meta:
         try:
@@ -145,7 +174,7 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
                         latency=latency, runtime_pythons=s.runtime_pythons(), selective=not no_selective,
                         variant=variant, min_reference_accuracy=min_reference_accuracy,
                         keep_variants=out / f"variants-{name or model.stem}" if keep_variants else None,
-                        unsafe_deserialization=unsafe_deserialization)
+                        unsafe_deserialization=unsafe_deserialization, source_origin=origin)
     failed: BuildFailed | None = None
     try:
         result = run_build(opts, progress)
@@ -154,13 +183,25 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
     finally:
         progress.done()
         registry.close()
+        if fetched is not None:
+            fetched.cleanup()
     out.mkdir(parents=True, exist_ok=True)
     summary = out / f"{result.file_stem()}.json"
     report = out / f"{result.file_stem()}.html"
     write_summary(result, summary)
     write_report(result, report)
+    run_id = None
+    if mlog is not None:
+        run_id = mlog.record(result.to_dict(), [p.profile.summary() for p in result.profiles],
+                             {"prune": prune, "qat": qat, "epochs": epochs if (prune or qat) else None,
+                              "variant": variant, "selective": not no_selective,
+                              "latency": "quick" if quick else "full", "validation": validation.name,
+                              "calibration": calibration.name if calibration else None,
+                              "train": train.name if train else None},
+                             {"build": [summary, report], "bundles": [p.bundle for p in result.profiles if p.bundle]},
+                             failed=str(failed) if failed else "")
     if as_json:
-        _emit(result.to_dict())
+        _emit({**result.to_dict(), **({"mlflow_run_id": run_id} if run_id else {})})
     else:
         click.echo(result.table())
         for n in result.notes:
@@ -173,8 +214,30 @@ def build(s: Settings, model: Path, profiles: tuple[str, ...], validation: Path,
             else:
                 click.echo(f"no bundle [{p.profile.name}]: {p.verdict}")
         click.echo(f"summary: {summary}\nreport:  {report}")
+        if run_id:
+            click.echo(f"mlflow:  run {run_id} in experiment {mlflow_experiment!r}")
     if failed:
         raise failed
+
+
+def _fetch(uri: str, mlflow_uri: str | None) -> tuple[Any, Path, str | None, dict[str, Any]]:
+    """Download an MLflow source model to a temporary folder (the caller cleans it up)."""
+    import os
+    import tempfile
+
+    from toolkit.mlflow_link import fetch_model
+
+    tracking = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking:
+        raise click.UsageError(f"{uri}: say which MLflow tracking store holds it: --mlflow URI or "
+                               f"MLFLOW_TRACKING_URI")
+    tmp = tempfile.TemporaryDirectory(prefix="edgeship-mlflow-")
+    try:
+        got = fetch_model(uri, tracking, Path(tmp.name))
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return tmp, got.path, got.name, got.origin
 
 
 # ---------------------------------------------------------------- profiles

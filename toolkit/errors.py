@@ -47,6 +47,10 @@ class RegistryError(ToolkitError):
     """The build registry cannot be opened or written."""
 
 
+class MlflowError(ToolkitError):
+    """An MLflow tracking store or model registry cannot be reached, read or written (or MLflow is missing)."""
+
+
 class BuildFailed(ValidationError):
     """At least one profile got no bundle (refused, or no variant passed); the other profiles' bundles
     were written. Exit code 1 when no bundle was written at all, 3 when some were (``partial``)."""

@@ -62,6 +62,7 @@ class BuildOptions:
     min_reference_accuracy: float | None = None  # labelled gate: fp32 floor (default: chance, 1/classes)
     keep_variants: Path | None = None  # keep every variant file in this folder
     unsafe_deserialization: bool = False  # allow Keras Lambda layers (runs Python code from the file)
+    source_origin: dict[str, Any] = field(default_factory=dict)  # where the model came from (MLflow URI…)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class BuildResult:
     version: int | None  # None: no bundle was written, so no version was registered
     profiles: list[ProfileResult]
     notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)  # as signed into every bundle's manifest
     started: float = field(default_factory=time.time)
 
     @property
@@ -116,7 +118,7 @@ class BuildResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "notes": self.notes,
-                "profiles": [p.to_dict() for p in self.profiles]}
+                "provenance": self.provenance, "profiles": [p.to_dict() for p in self.profiles]}
 
     def table(self) -> str:
         return table([v for p in self.profiles for v in p.variants],
@@ -195,7 +197,8 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
         qat_model = finetune.qat(source, train, opts.epochs, base=keras_model)
     factory = VariantFactory(source, calib.inputs, keras_model, qat_model)
     stats = input_stats([s.name for s in source.inputs], calib.inputs)
-    provenance = {"source": {"file": opts.model.name, "kind": source.kind, "sha256": source.sha256},
+    provenance = {"source": {"file": opts.model.name, "kind": source.kind, "sha256": source.sha256,
+                             **({"origin": opts.source_origin} if opts.source_origin else {})},
                   "calibration_sha256": calib.sha256, "validation_sha256": val.sha256,
                   **({"training_sha256": train.sha256} if train else {}),
                   "fine_tuning": {"prune": opts.prune, "qat": opts.qat,
@@ -231,7 +234,7 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                         version=version, input_names=[s.name for s in source.inputs], val_inputs=val.inputs,
                         stats=stats, provenance=provenance)
             results.append(pr)
-    result = BuildResult(name, version, results, notes)
+    result = BuildResult(name, version, results, notes, provenance)
     failed = [p for p in results if p.bundle is None]
     if failed:
         written = [p.profile.name for p in results if p.bundle is not None]
