@@ -79,13 +79,13 @@ def test_build_from_registry_is_logged_as_a_run(store, digits, tmp_path):
     m = run.data.metrics
     for v in prof["variants"]:
         if v["size_bytes"]:
-            key = f"x86_64-onnx/{v['precision']}"
+            key = f"x86_64-onnx/{v['runtime']}/{v['precision']}"
             assert m[f"{key}/size_mb"] == pytest.approx(v["size_bytes"] / 1e6)
             assert m[f"{key}/p95_ms"] == pytest.approx(v["latency"]["p95_ms"])
             assert m[f"{key}/peak_rss_mb"] == pytest.approx(v["latency"]["peak_rss_mb"])
             assert m[f"{key}/accuracy_drop_points"] == pytest.approx(v["metrics"]["accuracy_drop_points"])
-            assert m[f"{key}/chosen"] == float(v["precision"] == prof["chosen"])
-    assert run.data.tags["edgeship.chosen.x86_64-onnx"] == prof["chosen"]
+            assert m[f"{key}/chosen"] == float(v["chosen"])
+    assert run.data.tags["edgeship.chosen.x86_64-onnx"] == f"{prof['chosen_runtime']}/{prof['chosen']}"
     assert run.data.tags["edgeship.source.model_version"] == "1"
     arts = {a.path for folder in ("build", "bundles") for a in client.list_artifacts(run.info.run_id, folder)}
     assert arts == {"build/digits-v1.json", "build/digits-v1.html", "bundles/digits-v1-x86_64-onnx.bundle"}
@@ -128,12 +128,12 @@ def test_build_log_in_a_plain_folder_store(digits_build, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=folder.resolve().as_uri())
     run = client.get_run(rid)
     for p in summary["profiles"]:
-        assert run.data.tags[f"edgeship.chosen.{p['profile']}"] == p["chosen"]
+        assert run.data.tags[f"edgeship.chosen.{p['profile']}"] == f"{p['chosen_runtime']}/{p['chosen']}"
         assert run.data.tags[f"edgeship.bundle_sha256.{p['profile']}"] == p["bundle_sha256"]
         assert run.data.params[f"{p['profile']}/objective"]
         for v in p["variants"]:
             if v["passed"]:
-                assert run.data.metrics[f"{p['profile']}/{v['precision']}/p50_ms"] == pytest.approx(
+                assert run.data.metrics[f"{p['profile']}/{v['runtime']}/{v['precision']}/p50_ms"] == pytest.approx(
                     v["latency"]["p50_ms"])
     bad = client.get_run(failed)
     assert bad.info.status == "FAILED" and "validation gate" in bad.data.tags["edgeship.failed"]
