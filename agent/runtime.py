@@ -134,6 +134,20 @@ class Model:
             raise InputError(f"model {self.path.name}: no samples (axis 0 is empty)")
         return out
 
+    def unstacked(self, feed: Any) -> bool:
+        """True when ``feed`` is one sample of a stacked-layout model given exactly as the model takes it
+        (no leading sample axis): its outputs then drop the sample axis too (the model's own shapes)."""
+        if self.layout == BATCH:
+            return False
+        if isinstance(feed, Mapping):
+            arrays = [feed.get(s.name) for s in self.inputs]
+        elif isinstance(feed, np.ndarray) or not isinstance(feed, (list, tuple)):
+            arrays = [feed]
+        else:
+            arrays = list(feed)
+        return len(arrays) == len(self.inputs) and all(
+            x is not None and np.ndim(x) == len(s.shape) for s, x in zip(self.inputs, arrays))
+
     def set_raw(self, arrays: list[np.ndarray]) -> None:
         """Load one arranged sample into the runtime for ``invoke`` (benchmarks)."""
         self._set_raw(arrays if self.layout == BATCH else [a[0] for a in arrays])
@@ -147,10 +161,13 @@ class Model:
 
 
 def _as_input(x: Any, spec: TensorSpec) -> np.ndarray:
-    """One input as an array: float32 for float and quantized tensors (the API speaks float), else the
+    """One input as an array: float32 for float and quantized tensors (the API speaks float; an array in
+    a quantized tensor's own integer dtype holds raw quantized values and is dequantized), else the
     model's integer or bool dtype, refusing values that would change on the way (3.5, 300 for int8)."""
     dt = np.dtype(spec.dtype)
     try:
+        if spec.quantized and dt.kind in "iu" and getattr(x, "dtype", None) == dt:
+            return dequantize(np.asarray(x), spec)  # raw quantized values, as the runtime itself takes them
         if dt.kind == "f" or spec.quantized:
             return np.asarray(x, dtype=np.float32)
         a = np.asarray(x)
@@ -207,9 +224,14 @@ class TFLiteModel(Model):
     def _call(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         it = self._it
         if any(self._shapes.get(i) != a.shape for i, a in zip(self._in_idx, arrays)):
-            for idx, a in zip(self._in_idx, arrays):
-                it.resize_tensor_input(idx, a.shape, strict=False)
-            it.allocate_tensors()
+            try:
+                for idx, a in zip(self._in_idx, arrays):
+                    it.resize_tensor_input(idx, a.shape, strict=False)
+                it.allocate_tensors()
+            except Exception as exc:  # the runtime cannot take these shapes: the caller's input
+                self._shapes = {}
+                raise InputError(f"{self.path.name}: the model does not take inputs of shapes "
+                                 f"{[tuple(a.shape) for a in arrays]} ({exc})") from exc
             self._shapes = {i: a.shape for i, a in zip(self._in_idx, arrays)}
         for idx, spec, a in zip(self._in_idx, self.inputs, arrays):
             it.set_tensor(idx, quantize(a, spec))
@@ -265,7 +287,10 @@ class ONNXModel(Model):
         try:
             res = self._sess.run(None, feed)
         except Exception as exc:
-            raise ModelError(f"{self.path.name}: inference failed ({exc})") from exc
+            first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+            if type(exc).__name__ == "InvalidArgument":  # ONNX Runtime refused the input: the caller's mistake
+                raise InputError(f"{self.path.name}: the model does not take this input ({first})") from exc
+            raise ModelError(f"{self.path.name}: inference failed ({first})") from exc
         return {s.name: dequantize(np.asarray(r), s) for s, r in zip(self.outputs, res)}
 
     def invoke(self) -> None:

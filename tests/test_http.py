@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import subprocess
 import time
 
@@ -113,15 +114,26 @@ def test_oversized_body_refused(served):
     assert req(port, "GET", "/v2/health/live")[0] == 200
 
 
+def x_ok():
+    return np.zeros((1, 8, 8, 1), np.float32).tolist()
+
+
 def test_metrics_prometheus(served):
     agent, port, bundle = served
     if agent.current is None:
         agent.install(bundle)
-    req(port, "POST", "/predict", {"input": [[0.0] * 1] * 64})  # wrong shape -> error counted
+    def count(text, name):
+        m = re.search(name + r'\{model="digits",version="1"\} (\d+)', text)
+        return int(m.group(1)) if m else 0
+
+    before = req(port, "GET", "/metrics")[1]
+    assert req(port, "POST", "/predict", {"input": x_ok()})[0] == 200
+    status, res = req(port, "POST", "/predict", {"input": [[0.0] * 1] * 64})  # the client's mistake: a 400
+    assert status == 400, res
     status, text = req(port, "GET", "/metrics")
     assert status == 200
-    assert 'edgeship_requests_total{model="digits",version="1"}' in text
-    assert 'edgeship_errors_total{model="digits",version="1"}' in text
+    assert count(text, "edgeship_requests_total") == count(before, "edgeship_requests_total") + 1
+    assert count(text, "edgeship_errors_total") == count(before, "edgeship_errors_total")  # not a model failure
     assert 'edgeship_latency_ms_bucket{model="digits",version="1",le="+Inf"}' in text
     assert 'edgeship_active_model_version{model="digits"} 1' in text
 

@@ -28,21 +28,19 @@ class Runner:
         self._state_out = {o.name: i.name for i, o in self.plan.pairs}
 
     def run(self, feed: Any, seq: Sequence | None) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-        """Arranged inputs and the outputs clients see."""
+        """Arranged inputs and the outputs clients see. One sample of a stacked-layout model given exactly as
+        the model takes it (no leading sample axis) is answered in the model's own output shapes."""
         if self.pool is not None and not self.plan.stateful:
             with self.pool.lease() as m:
-                arrays = m.arrange(feed)
-                return arrays, m.run(arrays)
+                return _call(m, feed)
         session = self.sequences.session(seq)
         try:
             with session.lock:
                 if session.model is not None:  # runtime state: the sequence's own interpreter
-                    arrays = session.model.arrange(feed)
-                    return arrays, session.model.run(arrays)
+                    return _call(session.model, feed)
                 assert self.pool is not None
                 with self.pool.lease() as m:
-                    arrays = m.arrange({**self._named(feed), **session.tensors})
-                    out = m.run(arrays)
+                    arrays, out = _call(m, {**self._named(feed), **session.tensors})
                 session.tensors = {self._state_out[k]: v for k, v in out.items() if k in self._state_out}
                 return arrays, {k: v for k, v in out.items() if k not in self._state_out}
         finally:
@@ -59,3 +57,10 @@ class Runner:
         if len(feed) != len(self.inputs):
             raise InputError(f"model takes {len(self.inputs)} inputs (besides its state), got {len(feed)}")
         return {s.name: x for s, x in zip(self.inputs, feed)}
+
+
+def _call(m: Model, feed: Any) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    single = m.unstacked(feed)
+    arrays = m.arrange(feed)
+    out = m.run(arrays)
+    return arrays, ({k: v[0] for k, v in out.items()} if single else out)

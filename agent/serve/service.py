@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from agent.bundle import Limits
-from agent.errors import AgentError, NonFiniteOutputError, NotReadyError
+from agent.errors import AgentError, InputError, NonFiniteOutputError, NotReadyError
 from agent.install import Device, Engine, Result
 from agent.keys import Keyring
 from agent.manifest import Manifest, parse_manifest
@@ -142,6 +142,8 @@ class Agent:
         try:
             arrays, out = cur.runner.run(feed, sequence)
             _check_finite(cur, out)
+        except InputError:
+            raise  # the caller's input was refused (400): the model did not fail, nothing is counted
         except AgentError:
             ms = (time.perf_counter() - t) * 1e3
             self.metrics.observe(key, ms, False)

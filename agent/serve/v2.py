@@ -60,7 +60,7 @@ def parse_infer(body: bytes, header_length: str | None, inputs: tuple[TensorSpec
     """A v2 inference request against a model's (visible) inputs and outputs; HTTPError 400 when malformed."""
     n = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > n:
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > n:
             raise HTTPError(400, f"Inference-Header-Content-Length {header_length!r} is not a length within "
                                  f"the {n}-byte body")
         n = int(header_length)
@@ -192,8 +192,8 @@ def config(manifest: Manifest, runner: Any, interpreters: int) -> dict:
 
 def loads(raw: bytes | memoryview) -> Any:
     """Strict JSON: no NaN/Infinity literals; deep nesting and bad bytes are a 400, never a 500."""
-    try:
-        return json.loads(bytes(raw), parse_constant=_no_constant)
+    try:  # UTF-8 only: json.loads would guess UTF-16/32 from the bytes, which no client means
+        return json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant)
     except RecursionError as exc:
         raise HTTPError(400, "malformed JSON body (nested too deeply)") from exc
     except (UnicodeDecodeError, ValueError) as exc:
@@ -209,7 +209,9 @@ def _no_constant(name: str) -> None:
 
 
 def _params(d: dict, key: str, where: str = "") -> dict:
-    p = d.get(key) or {}
+    p = d.get(key, {})
+    if p is None:
+        p = {}
     if not isinstance(p, dict):
         raise HTTPError(400, f"{where + '.' if where else ''}{key}: expected an object")
     return p
