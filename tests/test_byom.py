@@ -71,11 +71,12 @@ def test_served_by_the_agent_like_the_original(vad_build, keyring, tmp_path):
     assert res.ok, res.reason  # includes the golden-set replay
     rng = np.random.default_rng(7)
     x, state = rng.normal(size=(1, 4)).astype(np.float32), rng.normal(size=(2, 1, 3)).astype(np.float32)
-    out = agent.predict({"x": x, "state": state, "sr": 16000})
+    out = agent.predict({"x": x, "state": state, "sr": 16000})  # one sample, as the model takes it
     ref = vad_reference(model, x, state, 16000)
-    np.testing.assert_allclose(out["prob"][0], ref[0], atol=0.05)
-    np.testing.assert_allclose(out["new_state"][0], ref[1], atol=0.05)
-    assert out["cls"][0].tolist() == ref[2].tolist()
+    np.testing.assert_allclose(out["prob"], ref[0], atol=0.05)  # ... answered in the model's own shapes
+    np.testing.assert_allclose(out["new_state"], ref[1], atol=0.05)
+    assert out["cls"].tolist() == ref[2].tolist()
+    assert m.data["state"] == [{"input": "state", "output": "new_state"}]  # found by name: kept per sequence
 
 
 def test_data_files_follow_the_stacked_convention(make_options, tmp_path):
@@ -273,5 +274,5 @@ def test_int64_scalar_and_state_through_tflite(make_options, keyring, tmp_path):
     tf = import_tf()
     want = tf.saved_model.load(str(sm)).signatures["serving_default"](
         x=tf.constant(x), state=tf.constant(state), sr=tf.constant(16000, tf.int64))
-    np.testing.assert_allclose(got["prob"][0], want["prob"].numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(got["new_state"][0], want["new_state"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["prob"], want["prob"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["new_state"], want["new_state"].numpy(), rtol=1e-4, atol=1e-5)

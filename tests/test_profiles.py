@@ -17,7 +17,7 @@ def test_shipped_profiles_load():
     assert profs["rpi3-armv7"].runtime == "tflite-runtime" and profs["rpi3-armv7"].numpy == "<2"
     assert profs["coral-edgetpu"].edgetpu and profs["coral-edgetpu"].int8_io == "uint8"
     assert profs["jetson-orin-nano"].format == "onnx" and profs["jetson-orin-nano"].precisions[0] == "fp16"
-    assert profs["x86_64-onnx"].max_opset == 17
+    assert profs["x86_64-onnx"].max_opset == 21
     rpi4 = profs["rpi4-arm64"]
     assert [(r.name, r.format) for r in rpi4.runtimes] == [("litert", "tflite"), ("onnxruntime", "onnx")]
     assert rpi4.runtimes[1].max_opset == 21 and rpi4.runtimes[1].threads == 4

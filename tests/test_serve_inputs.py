@@ -155,3 +155,54 @@ def test_malformed_v2_envelopes_are_400s(tmp_path, signing_key, keyring, body, h
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_declared_state_kept_per_sequence_or_carried_by_the_client(tmp_path, signing_key, keyring):
+    """A bundle that declares its state: with a sequence id the agent keeps it (fresh at the start); a
+    client that sends the state inputs itself carries it and gets the next state back, over v2 too."""
+    from agent.serve.sequences import Sequence
+    from modelkit import state_io_model
+
+    model, golden = state_io_model()
+    bundle = make_bundle(tmp_path / "s.bundle", signing_key, model, golden, name="acc", arch=DEVICE_ARCH,
+                         state=[{"input": "h_in", "output": "h_out"}])
+    agent = Agent(tmp_path / "s", keyring, DEVICE_ARCH)
+    agent.start()
+    assert agent.install(bundle).ok
+    x = np.ones((1, 4), np.float32)
+    assert agent.predict({"x": x}, Sequence(5, start=True))["y"].tolist() == [[1.0] * 4]
+    assert agent.predict({"x": x}, Sequence(5))["y"].tolist() == [[2.0] * 4]
+    carried = agent.predict({"x": x, "h_in": np.full((1, 4), 10, np.float32)})
+    assert carried["y"].tolist() == [[11.0] * 4] and carried["h_out"].tolist() == [[11.0] * 4]
+    with pytest.raises(Exception, match="send either the sequence id or the state"):
+        agent.predict({"x": x, "h_in": x}, Sequence(5))
+    server, port = _serve(agent)
+    try:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0] * 4},
+                           {"name": "h_in", "shape": [1, 4], "datatype": "FP32", "data": [5.0] * 4}]}
+        status, res = _post(port, "/v2/models/acc/infer", json.dumps(body))
+        assert status == 200, res
+        assert {o["name"]: o["data"] for o in res["outputs"]} == {"y": [6.0] * 4, "h_out": [6.0] * 4}
+        body = {"inputs": body["inputs"][:1], "parameters": {"sequence_id": 9, "sequence_start": True}}
+        status, res = _post(port, "/v2/models/acc/infer", json.dumps(body))
+        assert status == 200 and [o["name"] for o in res["outputs"]] == ["y"], res  # state stays on the device
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_streaming_state_is_found_by_name():
+    from toolkit.build.ingest import IOSpec
+    from toolkit.build.state import detect
+
+    def spec(name, shape, dtype="float32"):
+        return IOSpec(name, shape, dtype)
+
+    ins = [spec("input", (-1, 512)), spec("state", (2, -1, 128)), spec("sr", (), "int64"),
+           spec("recurrent", (1, -1, 64)), spec("cache_0", (-1, 64, 2)), spec("h0", (1, 1, 32)),
+           spec("input_ids", (-1, 8), "int64"), spec("mem", (1, 4))]
+    outs = [spec("output", (-1, 1)), spec("stateN", (2, -1, 128)), spec("next_recurrent", (1, -1, 64)),
+            spec("next_cache_0", (-1, 64, 2)), spec("hn", (1, 1, 32)), spec("output_ids", (-1, 8), "int64"),
+            spec("mem_out", (1, 5))]
+    assert detect(ins, outs) == [("state", "stateN"), ("recurrent", "next_recurrent"), ("cache_0", "next_cache_0"),
+                                 ("h0", "hn")]  # not input_ids/output_ids (no state marker), not mem (shape)

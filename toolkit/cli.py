@@ -121,7 +121,13 @@ class _ModelSource(click.ParamType):
               "files you trust.")
 @click.option("--min-reference-accuracy", type=click.FloatRange(0, 1), show_default="chance, 1/classes",
               help="With labels: fail the gate when the fp32 reference accuracy is below this.")
-@click.option("--quick", is_flag=True, help="Short latency runs (smoke tests; numbers are rough).")
+@click.option("--state", "state_pairs", multiple=True, metavar="IN=OUT",
+              show_default="--meta's \"state\", else found by name, e.g. state=stateN",
+              help="A streaming model's state: input IN takes the value output OUT returns (repeatable); the "
+              "agent keeps it per sequence.")
+@click.option("--no-state", is_flag=True, help="Declare no streaming state (clients send every input).")
+@click.option("--quick", is_flag=True, help="Short latency runs (smoke tests): numbers are rough, so the latency "
+              "budget is reported but not enforced.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON on stdout.")
 @click.option("--mlflow", "mlflow_uri", metavar="URI",
               help="Log the build as a run in this MLflow tracking store (sqlite:///mlflow.db, a folder, "
@@ -132,13 +138,15 @@ def build(s: Settings, model: Path | str, profiles: tuple[str, ...], validation:
           train: Path | None, name: str | None, version: int | None, meta: Path | None, out: Path,
           key: Path | None, prune: float | None, qat: bool, epochs: int, no_selective: bool,
           keep_variants: bool, variant: str | None, unsafe_deserialization: bool,
-          min_reference_accuracy: float | None, quick: bool, as_json: bool, mlflow_uri: str | None,
+          min_reference_accuracy: float | None, state_pairs: tuple[str, ...], no_state: bool, quick: bool,
+          as_json: bool, mlflow_uri: str | None,
           mlflow_experiment: str) -> None:
     """Convert MODEL for each device profile, validate every variant and write signed bundles.
 
     MODEL is a Keras (.keras/.h5), SavedModel folder, ONNX or TFLite file, or an MLflow
     models:/NAME/VERSION (models:/NAME@ALIAS) or runs:/RUN_ID/PATH URI (needs edgeship[mlflow])."""
     from toolkit.build.pipeline import BuildOptions, build as run_build, write_summary
+    from toolkit.build.state import parse as parse_state
     from toolkit.errors import BuildFailed
     from toolkit.errors import InputError
     from toolkit.build.measure import LatencyConfig
@@ -166,7 +174,8 @@ def build(s: Settings, model: Path | str, profiles: tuple[str, ...], validation:
             raise InputError(f"{meta}: expected a JSON object with labels/preprocessing/postprocessing") from exc
     signing = load_key(key) if key else load_or_create(s.key_path)
     registry = Registry(s.registry_path)
-    latency = LatencyConfig(runs=10, seconds=0.1, warmup_seconds=0.05) if quick else LatencyConfig()
+    # --quick: short timing runs give rough numbers, so the latency budget is reported, not enforced
+    latency = LatencyConfig(runs=10, seconds=0.1, warmup_seconds=0.05, gate=False) if quick else LatencyConfig()
     progress = _Progress(quiet=as_json and not sys.stderr.isatty())
     opts = BuildOptions(model=model, profiles=profs, validation=validation, calibration=calibration,
                         train=train, name=name, version=version, meta=meta_doc, out_dir=out,
@@ -174,7 +183,9 @@ def build(s: Settings, model: Path | str, profiles: tuple[str, ...], validation:
                         latency=latency, runtime_pythons=s.runtime_pythons(), selective=not no_selective,
                         variant=variant, min_reference_accuracy=min_reference_accuracy,
                         keep_variants=out / f"variants-{name or model.stem}" if keep_variants else None,
-                        unsafe_deserialization=unsafe_deserialization, source_origin=origin)
+                        unsafe_deserialization=unsafe_deserialization, source_origin=origin,
+                        state=parse_state(state_pairs) if state_pairs else ([] if no_state else None),
+                        detect_state=not no_state)
     failed: BuildFailed | None = None
     try:
         result = run_build(opts, progress)
@@ -216,8 +227,12 @@ def build(s: Settings, model: Path | str, profiles: tuple[str, ...], validation:
         click.echo(f"summary: {summary}\nreport:  {report}")
         if run_id:
             click.echo(f"mlflow:  run {run_id} in experiment {mlflow_experiment!r}")
-    if failed:
-        raise failed
+    if failed:  # the table and one line per profile said why: the error only sums up
+        missing = [p.profile.name for p in result.profiles if p.bundle is None]
+        err = ToolkitError(f"no bundle for {len(missing)} of {len(result.profiles)} profile(s): "
+                           f"{', '.join(missing)} (see {'the summary' if as_json else 'above'})")
+        err.exit_code = failed.exit_code
+        raise err from failed
 
 
 def _fetch(uri: str, mlflow_uri: str | None) -> tuple[Any, Path, str | None, dict[str, Any]]:

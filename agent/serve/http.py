@@ -12,6 +12,7 @@ answer ever contains a NaN literal. The transport (limits, timeouts, connection 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -84,10 +85,15 @@ class App:
 
     def _infer(self, req: Request, cur: Loaded) -> Response:
         body = self._decoded(req)
-        ir = v2.parse_infer(body, req.headers.get("inference-header-content-length"), cur.runner.inputs,
-                            cur.runner.outputs)
+        r = cur.runner
+        ir = v2.parse_infer(body, req.headers.get("inference-header-content-length"), r.all_inputs, r.all_outputs,
+                            r.outputs)
         answered, out = self.agent.infer(ir.inputs, ir.sequence)
-        head, parts = v2.encode_infer(answered.manifest, answered.runner.outputs, ir, out)
+        if not ir.outputs_asked:  # a client that carried the model's state gets the next state back too
+            extra = tuple(v2.Wanted(n, ir.outputs[0].binary if ir.outputs else False) for n in out
+                          if n not in {w.name for w in ir.outputs})
+            ir = dataclasses.replace(ir, outputs=ir.outputs + extra)
+        head, parts = v2.encode_infer(answered.manifest, answered.runner.all_outputs, ir, out)
         if not parts:
             return Response(200, [head])
         return Response(200, [head, *parts], "application/octet-stream",

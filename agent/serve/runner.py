@@ -22,7 +22,8 @@ class Runner:
     def __init__(self, model: Model, manifest: Manifest, interpreters: int, max_sequences: int,
                  idle_timeout: float):
         self.plan = state_plan(model, manifest)
-        self.inputs, self.outputs = self.plan.visible(model)
+        self.inputs, self.outputs = self.plan.visible(model)  # what clients see (metadata)
+        self.all_inputs, self.all_outputs = model.inputs, model.outputs  # what a client may still send
         self.pool = None if self.plan.kind == "runtime" else InterpreterPool(model, interpreters)
         self.sequences = Sequences(self.plan, model.clone, max_sequences, idle_timeout)
         self._state_out = {o.name: i.name for i, o in self.plan.pairs}
@@ -30,7 +31,7 @@ class Runner:
     def run(self, feed: Any, seq: Sequence | None) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """Arranged inputs and the outputs clients see. One sample of a stacked-layout model given exactly as
         the model takes it (no leading sample axis) is answered in the model's own output shapes."""
-        if self.pool is not None and not self.plan.stateful:
+        if self.pool is not None and (not self.plan.stateful or self._carries_state(feed, seq)):
             with self.pool.lease() as m:
                 return _call(m, feed)
         session = self.sequences.session(seq)
@@ -46,11 +47,25 @@ class Runner:
         finally:
             self.sequences.finish(seq)
 
+    def _carries_state(self, feed: Any, seq: Sequence | None) -> bool:
+        """A request that sends the declared state inputs itself (no sequence id) carries its own state:
+        it runs as given and gets the state outputs back, as with a model that declares no state."""
+        if self.plan.kind != "io" or not isinstance(feed, Mapping):
+            return False
+        names = [i.name for i, _ in self.plan.pairs]
+        sent = [n for n in names if n in feed]
+        if not sent:
+            return False
+        if seq is not None:
+            raise InputError(f"inputs {sent} are the model's state: with a sequence_id the agent keeps it per "
+                             f"sequence; send either the sequence id or the state, not both")
+        if len(sent) != len(names):
+            raise InputError(f"a request that carries the model's state must send all of it: "
+                             f"{sorted(set(names) - set(sent))} missing")
+        return True
+
     def _named(self, feed: Any) -> dict[str, Any]:
         if isinstance(feed, Mapping):
-            state = sorted(set(feed) & {i.name for i, _ in self.plan.pairs})
-            if state:
-                raise InputError(f"inputs {state} are state the agent keeps per sequence; do not send them")
             return dict(feed)
         if isinstance(feed, np.ndarray) or not isinstance(feed, (list, tuple)):
             feed = [feed]

@@ -53,11 +53,13 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: tuple[Wanted, ...]
     sequence: Sequence | None
+    outputs_asked: bool = False  # the request listed its outputs (else: the model's visible ones)
 
 
 def parse_infer(body: bytes, header_length: str | None, inputs: tuple[TensorSpec, ...],
-                outputs: tuple[TensorSpec, ...]) -> InferRequest:
-    """A v2 inference request against a model's (visible) inputs and outputs; HTTPError 400 when malformed."""
+                outputs: tuple[TensorSpec, ...], default_outputs: tuple[TensorSpec, ...] | None = None) -> InferRequest:
+    """A v2 inference request against the inputs and outputs a client may name; without ``outputs`` in the
+    request it gets ``default_outputs`` (the visible ones). HTTPError 400 when malformed."""
     n = len(body)
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > n:
@@ -119,7 +121,8 @@ def parse_infer(body: bytes, header_length: str | None, inputs: tuple[TensorSpec
         feed[name] = a
     if offset != len(raw):
         raise HTTPError(400, f"{len(raw) - offset} bytes of binary data after the declared input tensors")
-    return InferRequest(rid, feed, _wanted(req, outputs, binary_out), seq)
+    return InferRequest(rid, feed, _wanted(req, outputs, binary_out, default_outputs), seq,
+                        req.get("outputs") is not None)
 
 
 def encode_infer(manifest: Manifest, outputs: tuple[TensorSpec, ...], req: InferRequest,
@@ -279,11 +282,12 @@ def _from_json(data: Any, dt_name: str, shape: list[int], count: int, where: str
     return a.astype(dt).reshape(shape)
 
 
-def _wanted(req: dict, outputs: tuple[TensorSpec, ...], binary_default: bool) -> tuple[Wanted, ...]:
+def _wanted(req: dict, outputs: tuple[TensorSpec, ...], binary_default: bool,
+            default: tuple[TensorSpec, ...] | None = None) -> tuple[Wanted, ...]:
     names = [s.name for s in outputs]
     asked = req.get("outputs")
     if asked is None:
-        return tuple(Wanted(n, binary_default) for n in names)
+        return tuple(Wanted(s.name, binary_default) for s in (outputs if default is None else default))
     if not isinstance(asked, list):
         raise HTTPError(400, f'outputs: expected a list [{{"name": ...}}], got {type(asked).__name__}')
     res = []

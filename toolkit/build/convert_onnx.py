@@ -10,9 +10,11 @@ the variant is quantized per tensor, and the notes say so.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -116,10 +118,51 @@ def quant_op_count(model: Any) -> int:
     return sum(1 for n in model.graph.node if n.op_type in QUANT_OPS)
 
 
+FP16_MAX = 65504.0
+
+
 def to_fp16(model: Any) -> Any:
+    """fp16 weights and activations, I/O kept float32. Nodes that read a constant beyond fp16's range
+    (a BatchNorm variance of 1e8, say) stay in float32: clipped to 65504 they would break the model."""
+    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return run_converter(lambda: convert_float_to_float16(model, keep_io_types=True), "onnx fp16")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    keep = fp32_nodes(model)
+    return run_converter(lambda: convert_float_to_float16(model, keep_io_types=True, node_block_list=keep or None),
+                         "onnx fp16")
+
+
+def fp32_nodes(model: Any) -> list[str]:
+    """Names of the nodes that read a float tensor constant outside fp16's range (unnamed nodes get a name)."""
+    from onnx import numpy_helper
+
+    big = {i.name for i in model.graph.initializer if _beyond_fp16(numpy_helper.to_array(i))}
+    big |= {n.output[0] for n in model.graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+            and n.attribute[0].name == "value" and _beyond_fp16(numpy_helper.to_array(n.attribute[0].t))}
+    keep = []
+    for k, node in enumerate(model.graph.node):
+        if big & set(node.input):
+            node.name = node.name or f"edgeship_fp32_{k}"
+            keep.append(node.name)
+    return keep
+
+
+def _beyond_fp16(a: Any) -> bool:
+    return a.dtype.kind == "f" and a.size > 0 and bool(np.nanmax(np.abs(np.where(np.isfinite(a), a, 0))) > FP16_MAX)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantizer warns through the root logger ("Please consider to run pre-processing"):
+    advice for its own users, noise in edgeship's output (the note on the variant says what matters)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def quantize(model: Any, precision: str, calib: list[np.ndarray] | None, input_names: list[str],
@@ -149,13 +192,14 @@ def quantize(model: Any, precision: str, calib: list[np.ndarray] | None, input_n
         raise ConversionError("int8 needs calibration data (--calibration data.npz)")
     if precision not in ("int8", "dynamic-int8"):
         raise ConversionError(f"unknown ONNX quantization {precision!r}")
-    try:
-        result = _quantize(model, precision, calib, input_names, layout, per_channel)
-    except ConversionError as exc:
-        if not per_channel:
-            raise
-        result = _quantize(model, precision, calib, input_names, layout, False)
-        notes.append(f"quantized per tensor: per-channel quantization failed ({exc})")
+    with _quiet_root_logger():
+        try:
+            result = _quantize(model, precision, calib, input_names, layout, per_channel)
+        except ConversionError as exc:
+            if not per_channel:
+                raise
+            result = _quantize(model, precision, calib, input_names, layout, False)
+            notes.append(f"quantized per tensor: per-channel quantization failed ({exc})")
     if quant_op_count(result) == 0:
         ops = sorted({n.op_type for n in result.graph.node})
         raise ConversionError(f"ONNX Runtime could not quantize any op for {precision} (ops: "

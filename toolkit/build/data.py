@@ -107,9 +107,13 @@ def check_labels(data: Dataset, classes: int | None, output: str) -> None:
 
 
 def _as_dtype(a: np.ndarray, spec: IOSpec, where: str) -> np.ndarray:
-    """float32 for float inputs (finite); the input's own dtype for integer and bool inputs, refusing
-    values that the cast would change."""
+    """float32 for float inputs (finite; an array in a quantized input's own integer dtype holds raw quantized
+    values and is dequantized); the input's own dtype for integer and bool inputs, refusing values that the
+    cast would change."""
     dt = np.dtype(spec.dtype)
+    if spec.quant is not None and a.dtype == np.dtype(spec.quant[2]):  # raw quantized values, as the model takes
+        scale, zero_point, _ = spec.quant
+        a = (a.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
     if dt.kind == "f":
         a = a.astype(np.float32)
         if not np.isfinite(a).all():

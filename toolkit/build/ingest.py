@@ -29,6 +29,7 @@ class IOSpec:
     name: str
     shape: tuple[int, ...]  # -1 = any size (batch or dynamic)
     dtype: str
+    quant: tuple[float, int, str] | None = None  # a quantized .tflite tensor: (scale, zero point, storage dtype)
 
 
 @dataclass
@@ -197,5 +198,6 @@ def _tflite(path: Path):
     from agent.runtime import load_model
 
     model = load_model(path)
-    spec = lambda t: IOSpec(t.name, t.shape, "float32" if t.quantized else t.dtype)  # noqa: E731
+    spec = lambda t: (IOSpec(t.name, t.shape, "float32", (t.scale, t.zero_point, t.dtype)) if t.quantized  # noqa: E731
+                      else IOSpec(t.name, t.shape, t.dtype))
     return model, [spec(t) for t in model.inputs], [spec(t) for t in model.outputs]

@@ -125,9 +125,11 @@ def _versions() -> dict[str, str]:
 def write(out: Path, *, name: str, version: int, profile: Profile, variant: VariantResult,
           key: SigningKey, input_names: list[str], val_inputs: list[np.ndarray], stats: list[dict[str, Any]],
           meta: dict[str, Any], provenance: dict[str, Any], golden_count: int = 8,
-          model_bytes: bytes | None = None) -> Manifest:
+          model_bytes: bytes | None = None, state: list[tuple[str, str]] = (),
+          output_names: list[str] = ()) -> Manifest:
     """``profile`` is the one-runtime view the variant was built for; ``val_inputs`` are in the
-    source model's input order (``input_names``)."""
+    source model's input order (``input_names``); ``state`` pairs name the source's tensors
+    (``output_names`` is the source's output order, to find them in the variant)."""
     assert variant.file is not None
     model = load_model(variant.file, threads=min(profile.threads, os.cpu_count() or 1))
     feed = model_feed(model, input_names, val_inputs)
@@ -155,6 +157,7 @@ def write(out: Path, *, name: str, version: int, profile: Profile, variant: Vari
         "labels": [str(x) for x in meta.get("labels", [])],
         "preprocessing": meta.get("preprocessing", {}),
         "postprocessing": meta.get("postprocessing", {}),
+        **({"state": _state(state, model, input_names, output_names)} if state else {}),
         "input_stats": stats,
         "output_stats": output_stats(model, feed),
         "metrics": {**metrics, "size_bytes": variant.size_bytes},
@@ -163,3 +166,13 @@ def write(out: Path, *, name: str, version: int, profile: Profile, variant: Vari
     files = {model_file: model_bytes if model_bytes is not None else variant.file.read_bytes(),
              GOLDEN_FILE: npz_bytes(golden)}
     return write_bundle(out, manifest, files, key.sign, key.key_id)
+
+
+def _state(pairs: list[tuple[str, str]], model: Model, input_names: list[str],
+           output_names: list[str]) -> list[dict[str, str]]:
+    """The state pairs in the variant's own tensor names (a converter may rename; the order stays)."""
+    def find(name: str, source: list[str], specs: tuple) -> str:
+        names = [s.name for s in specs]
+        return name if name in names else names[source.index(name)]
+    return [{"input": find(i, input_names, model.inputs), "output": find(o, list(output_names), model.outputs)}
+            for i, o in pairs]

@@ -24,6 +24,7 @@ import numpy as np
 from agent.manifest import FORMATS, no_wheels, valid_name
 from agent.store import atomic_write
 from toolkit.build import edgetpu, selective
+from toolkit.build import state as state_mod
 from toolkit.build.data import Dataset, check_labels, load_dataset
 from toolkit.errors import BuildFailed, ConversionError, InputError
 from toolkit.build.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
@@ -36,6 +37,7 @@ from toolkit.signing import SigningKey
 from toolkit.build.variants import VariantFactory
 
 Progress = Callable[[str], None]
+META_KEYS = {"labels", "preprocessing", "postprocessing", "state"}
 
 
 @dataclass
@@ -62,6 +64,8 @@ class BuildOptions:
     min_reference_accuracy: float | None = None  # labelled gate: fp32 floor (default: chance, 1/classes)
     keep_variants: Path | None = None  # keep every variant file in this folder
     unsafe_deserialization: bool = False  # allow Keras Lambda layers (runs Python code from the file)
+    state: list[tuple[str, str]] | None = None  # streaming state pairs (None: from --meta, else found by name)
+    detect_state: bool = True
     source_origin: dict[str, Any] = field(default_factory=dict)  # where the model came from (MLflow URI…)
 
 
@@ -146,7 +150,7 @@ def runtimes_for(source: SourceModel, profile: Profile) -> tuple[list[Runtime], 
     have = ", ".join(f"{r.name} {r.version}" for r in profile.runtimes)
     if source.kind == "onnx":
         usable = [r for r in profile.runtimes if r.format == "onnx"]
-        no_ort = no_wheels("onnxruntime", profile.arch)
+        no_ort = (no_wheels("onnxruntime", profile.arch) or "").split(";")[0]  # no "use rpi3-armv7" hint here
         why = (f"{profile.name} has no ONNX Runtime ({have}){'; ' + no_ort if no_ort else ''}; an ONNX model "
                f"runs only where onnxruntime is (edgeship does not convert ONNX to TFLite: give the Keras or "
                f"SavedModel original)")
@@ -165,6 +169,10 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
     out_dir = opts.out_dir.resolve()  # the runtime worker runs in another folder
     val = load_dataset(opts.validation, source.inputs, "validation")
     notes: list[str] = []
+    unknown = sorted(set(opts.meta) - META_KEYS)
+    if unknown:
+        notes.append(f"--meta keys {unknown} are not used (known: {', '.join(sorted(META_KEYS))})")
+    state_pairs = _state_pairs(opts, source, notes)
     if opts.calibration:
         calib: Dataset = load_dataset(opts.calibration, source.inputs, "calibration")
     else:
@@ -232,7 +240,8 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                 version = _reserve(opts, name, version, profile.name)
                 _bundle(pr, opts, out_dir / f"{name}-v{version}-{profile.name}.bundle", work, name=name,
                         version=version, input_names=[s.name for s in source.inputs], val_inputs=val.inputs,
-                        stats=stats, provenance=provenance)
+                        stats=stats, provenance=provenance, state=state_pairs,
+                        output_names=[s.name for s in source.outputs])
             results.append(pr)
     result = BuildResult(name, version, results, notes, provenance)
     failed = [p for p in results if p.bundle is None]
@@ -243,6 +252,18 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                           + (f"; bundles written for: {', '.join(written)}" if written else ""),
                           partial=bool(written))
     return result
+
+
+def _state_pairs(opts: BuildOptions, source: SourceModel, notes: list[str]) -> list[tuple[str, str]]:
+    """The streaming state the bundle declares: --state, else --meta's "state", else found by name."""
+    pairs = opts.state if opts.state is not None else state_mod.from_meta(opts.meta)
+    if pairs is None and opts.detect_state:
+        pairs = state_mod.detect(source.inputs, source.outputs)
+        if pairs:
+            notes.append(f"streaming state found by name: {', '.join(f'{i} -> {o}' for i, o in pairs)}; the agent keeps "
+                         f"it per sequence (sequence_id), or a client sends it itself (--state IN=OUT to say "
+                         f"otherwise, --no-state to declare none)")
+    return state_mod.check(pairs or [], source.inputs, source.outputs)
 
 
 def _reserve(opts: BuildOptions, name: str, version: int | None, profile: str) -> int:
