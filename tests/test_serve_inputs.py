@@ -51,6 +51,16 @@ def _post(port, path, body, headers=None):
     return r.status, json.loads(data)
 
 
+def _installed(tmp_path, key, keyring, model_and_golden, name, **extra):
+    """An Agent serving a bundle of ``model_and_golden`` (a modelkit model and its golden inputs)."""
+    model, golden = model_and_golden
+    bundle = make_bundle(tmp_path / f"{name}.bundle", key, model, golden, name=name, arch=DEVICE_ARCH, **extra)
+    agent = Agent(tmp_path / "s", keyring, DEVICE_ARCH)
+    agent.start()
+    assert agent.install(bundle).ok
+    return agent
+
+
 def _serve(agent):
     server = make_server(agent, "127.0.0.1", 0)
     serve_in_thread(server)
@@ -75,11 +85,7 @@ def test_raw_quantized_integers_are_taken_as_the_runtime_takes_them(digits_build
 
 
 def test_an_input_the_runtime_refuses_is_a_400_and_not_a_model_failure(tmp_path, signing_key, keyring):
-    model, golden = _gather_model()
-    bundle = make_bundle(tmp_path / "g.bundle", signing_key, model, golden, name="gather", arch=DEVICE_ARCH)
-    agent = Agent(tmp_path / "s", keyring, DEVICE_ARCH)
-    agent.start()
-    assert agent.install(bundle).ok
+    agent = _installed(tmp_path, signing_key, keyring, _gather_model(), "gather")
     server, port = _serve(agent)
     try:
         body = {"inputs": [{"name": "idx", "shape": [1], "datatype": "INT64", "data": [7]}]}
@@ -99,11 +105,7 @@ def test_one_unstacked_sample_answers_in_the_models_own_shapes(tmp_path, signing
     """A scalar input and a state whose first axis is not a batch: one sample sent exactly as the model
     takes it comes back exactly as the model answers (no extra sample axis), over v2 and the Python API;
     N stacked samples come back stacked."""
-    model, golden = _stacked_model()
-    bundle = make_bundle(tmp_path / "s.bundle", signing_key, model, golden, name="stream", arch=DEVICE_ARCH)
-    agent = Agent(tmp_path / "s", keyring, DEVICE_ARCH)
-    agent.start()
-    assert agent.install(bundle).ok
+    agent = _installed(tmp_path, signing_key, keyring, _stacked_model(), "stream")
     one = {"x": np.full((1, 4), 2, np.float32), "state": np.zeros((2, 1, 4), np.float32),
            "gain": np.array(3, np.int64)}
     out = agent.predict(one)
@@ -134,11 +136,7 @@ GOOD = '{"inputs": [{"name": "idx", "shape": [1], "datatype": "INT64", "data": [
     ((GOOD + "}").encode(), {"Inference-Header-Content-Length": b"\xb2"}, "is not a length"),
 ])
 def test_malformed_v2_envelopes_are_400s(tmp_path, signing_key, keyring, body, headers, match):
-    model, golden = _gather_model()
-    bundle = make_bundle(tmp_path / "g.bundle", signing_key, model, golden, name="gather", arch=DEVICE_ARCH)
-    agent = Agent(tmp_path / "s", keyring, DEVICE_ARCH)
-    agent.start()
-    assert agent.install(bundle).ok
+    agent = _installed(tmp_path, signing_key, keyring, _gather_model(), "gather")
     server, port = _serve(agent)
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -163,12 +161,7 @@ def test_declared_state_kept_per_sequence_or_carried_by_the_client(tmp_path, sig
     from agent.serve.sequences import Sequence
     from modelkit import state_io_model
 
-    model, golden = state_io_model()
-    bundle = make_bundle(tmp_path / "s.bundle", signing_key, model, golden, name="acc", arch=DEVICE_ARCH,
-                         state=[{"input": "h_in", "output": "h_out"}])
-    agent = Agent(tmp_path / "s", keyring, DEVICE_ARCH)
-    agent.start()
-    assert agent.install(bundle).ok
+    agent = _installed(tmp_path, signing_key, keyring, state_io_model(), "acc", state=[{"input": "h_in", "output": "h_out"}])
     x = np.ones((1, 4), np.float32)
     assert agent.predict({"x": x}, Sequence(5, start=True))["y"].tolist() == [[1.0] * 4]
     assert agent.predict({"x": x}, Sequence(5))["y"].tolist() == [[2.0] * 4]
