@@ -7,7 +7,7 @@ Policies (any that fires adds its reason to the record):
 - ``low_confidence``: the top-1 probability of the classifier output is below the threshold, or the
   margin between the two best classes is below ``margin`` (``low-confidence``). Classifier output: the
   first 2-D float output with 2..1000 columns; rows that are not probabilities (negative values, or not
-  summing to 1) are read as logits and go through a softmax first;
+  summing to 1 within 5%) are read as logits and go through a softmax first;
 - ``drift_psi``: the request's input values, binned on the bundle's reference bins (``input_stats``),
   are further than this PSI from the reference, or a value lies outside the reference's range (``drift``);
 - everything, until a time the host asked for (``requested``).
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.fleet.telemetry import DRIFT_SAMPLE, psi
+from agent.fleet.telemetry import DRIFT_SAMPLE, SUM_TOLERANCE, psi
 from agent.manifest import Manifest
 
 REASONS = ("rate", "low-confidence", "drift", "requested")
@@ -55,7 +55,7 @@ def confidence(out: dict[str, np.ndarray], names: list[str]) -> tuple[str, np.nd
         if y is None or y.ndim != 2 or y.dtype.kind != "f" or not 2 <= y.shape[1] <= 1000:
             continue
         p = y.astype(np.float64, copy=False)
-        if p.min() < 0 or np.abs(p.sum(1) - 1).max() > 1e-3:  # logits (or scores): softmax them
+        if p.min() < 0 or p.max() > 1 or np.abs(p.sum(1) - 1).max() > SUM_TOLERANCE:  # logits: softmax
             e = np.exp(p - p.max(1, keepdims=True))
             p = e / e.sum(1, keepdims=True)
         top = np.argmax(p, 1)

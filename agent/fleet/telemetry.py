@@ -28,6 +28,7 @@ PSI_EPS = 1e-4
 PSI_THRESHOLD = 0.25  # PSI above this is a significant shift (the usual rule of thumb)
 DRIFT_SAMPLE = 1024  # input values looked at per request (strided)
 DRIFT_MIN_ROWS = 50  # requests' worth of data before a drift score is reported
+SUM_TOLERANCE = 0.05  # rows of probabilities sum to 1 within this (an int8 softmax output is off by ~1%)
 CONF_BINS = 10  # confidence histogram of a classifier output: top-1 probability in tenths
 
 
@@ -112,7 +113,7 @@ def top1(y: np.ndarray) -> np.ndarray:
     """The top-1 probability of each row of a classifier output (rows that are not probabilities — negative
     values, or not summing to 1 — are logits: softmax first)."""
     p = y.astype(np.float64, copy=False)
-    if p.min() < 0 or np.abs(p.sum(1) - 1).max() > 1e-3:
+    if p.min() < 0 or p.max() > 1 or np.abs(p.sum(1) - 1).max() > SUM_TOLERANCE:
         e = np.exp(p - p.max(1, keepdims=True))
         return (e / e.sum(1, keepdims=True)).max(1)
     return p.max(1)
