@@ -6,6 +6,8 @@
   broker; one without capture, one with `[capture] enabled = true, rate = 0.01`. Each gets 200 requests/s
   (v2 JSON over a keep-alive connection, paced open-loop) for SECONDS, one after the other, twice (off, on,
   off, on): process CPU (utime + stime over the window, in % of one core) and RSS at the end, same run.
+- Inline: the Python API's time per request with capture off vs on (1%, ids remembered for labels), the
+  same agent and model in one process, alternating blocks: what the decision and the bookkeeping add.
 - Bytes home: per captured sample, the bytes of its capture message share (record + header entry, 50
   records packed per message as the agent sends them) vs the raw bytes of its inputs and outputs; for the
   digits model (8x8x1 float32 in, 10 probabilities out) and for a real photo (scikit-learn's sample image
@@ -77,10 +79,38 @@ def _load(port: int, x: np.ndarray, seconds: float) -> int:
     return n
 
 
-def cost(work: Path, seconds: float) -> dict:
+def inline(work: Path, bundle: Path, keyring: Path, x: np.ndarray, n: int = 20_000) -> dict:
+    """Python API (no HTTP): agent.infer per request with capture off vs on (1% rate, request ids
+    remembered for labels), alternating blocks in one process; median of the per-block means."""
+    from agent.capture.policy import CaptureConfig
+    from agent.capture.recorder import Capture
+    from agent.keys import Keyring
+    from agent.serve.service import Agent
+
+    a = Agent(work / "inline", Keyring.load(keyring), "aarch64", threads=1, interpreters=1)
+    a.start()
+    assert a.install(bundle).ok
+    cap = Capture(CaptureConfig(enabled=True, rate=0.01), a.store.dir).start()
+    xs = [x[i:i + 1] for i in range(len(x))]
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for block in range(20):
+            for name in ("off", "on"):
+                a.capture = cap if name == "on" else None
+                t0 = time.perf_counter()
+                for i in range(n // 20):
+                    a.infer(xs[i % len(xs)], request_id=cap.new_id() if name == "on" else None)
+                times[name].append((time.perf_counter() - t0) / (n // 20) * 1e6)
+    finally:
+        a.capture = None
+        cap.stop()
+    off, on = float(np.median(times["off"])), float(np.median(times["on"]))
+    return {"off_us_per_request": off, "on_us_per_request": on, "added_us": on - off}
+
+
+def cost(work: Path, seconds: float, bundle: Path, keyring: Path, x: np.ndarray) -> dict:
     from toolkit.fleet.broker import EmbeddedBroker
 
-    bundle, keyring, x = _digits_bundle(work)
     sock = __import__("socket").socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -175,7 +205,11 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d"), "bytes_home": bytes_home()}
     print(json.dumps(res["bytes_home"], indent=2))
     with tempfile.TemporaryDirectory(prefix="edgeship-capture-bench-") as tmp:
-        res["cost"] = cost(Path(tmp), args.seconds)
+        work = Path(tmp)
+        bundle, keyring, x = _digits_bundle(work)
+        res["inline"] = inline(work, bundle, keyring, x)
+        print(json.dumps(res["inline"], indent=2))
+        res["cost"] = cost(work, args.seconds, bundle, keyring, x)
     print(json.dumps({k: v for k, v in res["cost"].items() if k not in ("off", "on")}, indent=2))
     print({k: {kk: vv for kk, vv in res["cost"][k].items() if kk != "runs"} for k in ("off", "on")})
     args.out.write_text(json.dumps(res, indent=2, default=float) + "\n")

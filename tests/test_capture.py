@@ -258,6 +258,10 @@ def test_daily_budget_is_respected(tmp_path, keyring, fleet_bundles, val):
         used = sum(len(b) for _, _, b in rows)
         assert 0 < len(rows) < 20 and used <= 2000 < used + max(len(b) for _, _, b in rows)
         assert a.capture.outbox.get("over_budget") == 20 - len(rows) and a.capture.status()["budget_used"] == used
+        from agent import status
+
+        rep = status.report(a.store.dir, a)["capture"]  # what `edgeship-agent status` says
+        assert (rep["queued"], rep["over_budget"], rep["budget_used"]) == (len(rows), 20 - len(rows), used)
     finally:
         a.capture.stop()
 

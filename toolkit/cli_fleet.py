@@ -61,10 +61,6 @@ def emit_json(data: Any) -> None:
               help="Signing key for the desired state.")
 @click.option("--url", default="", show_default="none: MQTT chunks",
               help="Devices download the bundle from this http(s) URL instead of MQTT chunks.")
-@click.option("--max-accuracy-drop", default=0.05, show_default=True,
-              help="Halt when the wave's live accuracy (from field labels) is below the control's by more than this.")
-@click.option("--min-labels", default=50, show_default=True,
-              help="Labelled samples needed on each side before live accuracy is compared.")
 @click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A bundle devices may be running: also publish a (smaller) patch against its model. Repeatable.")
 @click.pass_obj

@@ -299,8 +299,8 @@ def health_verdict(db: sqlite3.Connection, wave: list[str], model: str, group: s
         summary += f" (fewer than {MIN_PREDICTIONS} predictions on a side: no class-distribution verdict)"
     new_l = labels(db, f"model = ? AND version = ? AND device IN ({q}) AND received >= ? AND received <= ?",
                    [model, version, *wave, since, until])
-    old_l = labels(db, f"model = ? AND version IN ({v}) AND device IN (SELECT device FROM devices WHERE grp = ?) "
-                       f"AND received >= ? AND received <= ?",
+    old_l = labels(db, f"model = ? AND version IN ({v}) AND device IN (SELECT DISTINCT device FROM telemetry WHERE "
+                       f"grp = ?) AND received >= ? AND received <= ?",
                    [model, *old_versions, group, started - BASELINE_WINDOW, until])
     summary += f"; live accuracy {_num(new_l.accuracy)} ({new_l.samples} labels) vs {_num(old_l.accuracy)} " \
                f"({old_l.samples} labels)"
