@@ -288,3 +288,42 @@ def test_no_capture_when_off(tmp_path, keyring, fleet_bundles, val):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_records_go_to_the_url_a_capture_request_gives(tmp_path, broker, keyring, signing_key, fleet_bundles, val):
+    """A signed capture request with a URL: records are POSTed there (`edgeship capture receive`) instead of
+    MQTT, checked and stored like the collector stores them; the receiver refuses what it cannot trust."""
+    from agent.fleet.link import FleetLink
+    from toolkit.capture.receive import Receiver
+    from toolkit.capture.request import send_request
+
+    x, _ = val
+    rec = Receiver(tmp_path / "fleet.db", "test").start()
+    a = Agent(tmp_path / "u", keyring, DEVICE_ARCH)
+    a.start()
+    assert a.install(fleet_bundles["v1"]).ok
+    a.capture = Capture(CaptureConfig(enabled=True), a.store.dir).start()  # no sampling: only what the host asks
+    link = FleetLink(a, keyring, Broker.parse(broker.url), "test", "cap-u", telemetry=None)
+    link.start()
+    try:
+        a.infer(x[:1], request_id="before")
+        send_request(Broker.parse(broker.url), "test", signing_key, 5, device="cap-u", url=rec.url)
+        assert wait_for(lambda: a.capture.upload_url == rec.url, 30)
+        for i in range(5):
+            a.infer(x[i:i + 1], request_id=f"up-{i}")
+        assert wait_for(lambda: len(_q(tmp_path / "fleet.db", "SELECT 1 FROM captures")) == 5, 30)
+        assert sorted(r[0] for r in _q(tmp_path / "fleet.db", "SELECT id FROM captures WHERE device = 'cap-u' AND "
+                                                                "reasons = 'requested'")) == [f"up-{i}" for i in range(5)]
+        conn = http.client.HTTPConnection("127.0.0.1", rec.server.server_address[1], timeout=10)
+        for headers, body, code in [({}, b"x", 400), ({"X-Edgeship-Device": "cap-u"}, b"junk", 400),
+                                    ({"X-Edgeship-Device": "../etc"}, b"x", 400),
+                                    ({"X-Edgeship-Device": "cap-u"}, b"x" * 300_000, 413)]:
+            conn.request("POST", "/capture", body, headers)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == code, (headers, resp.status)
+        assert rec.rejected == 1  # the junk body, recorded in the rejected table like a bad MQTT message
+    finally:
+        link.stop()
+        a.capture.stop()
+        rec.stop()

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from toolkit.cli_fleet import emit_json, mqtt_options
+from toolkit.cli_fleet import _forever, emit_json, mqtt_options
 from toolkit.settings import Settings
 
 _db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -139,21 +139,49 @@ def capture_purge(s: Settings, db_path: Path | None, before: str | None, device:
 @click.option("--group", help="Or every device of this group.")
 @click.option("--minutes", type=click.FloatRange(0, 24 * 60), required=True,
               help="How long to capture every request (0: stop an earlier request).")
+@click.option("--url", default="", show_default="none: over MQTT",
+              help="Devices upload captured records to this http(s) URL (`edgeship capture receive`) instead.")
 @mqtt_options
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/keys/signing.pem",
               help="Signing key (devices accept capture requests signed by a key in their keyring).")
 @click.pass_obj
-def capture_request(s: Settings, device: str | None, group: str | None, minutes: float, conn: Any, fleet_name: str,
-                    key: Path | None) -> None:
+def capture_request(s: Settings, device: str | None, group: str | None, minutes: float, url: str, conn: Any,
+                    fleet_name: str, key: Path | None) -> None:
     """Ask a device (or a group) to capture every request for N minutes (signed, retained)."""
     from toolkit.capture.request import send_request
     from toolkit.signing import load_key
 
     if bool(device) == bool(group):
         raise click.UsageError("give --device or --group")
-    topic = send_request(conn, fleet_name, load_key(key or s.key_path), minutes, device=device, group=group)
+    if url and not url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--url")
+    topic = send_request(conn, fleet_name, load_key(key or s.key_path), minutes, device=device, group=group, url=url)
     click.echo(f"asked {'device ' + device if device else 'group ' + str(group)} to capture every request for "
                f"{minutes:g} minute(s) on {topic}")
+
+
+@capture.command("receive")
+@_db_option
+@click.option("--fleet", "fleet_name", default="default", show_default=True, help="Fleet name.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option("--port", default=8085, show_default=True, type=int, help="TCP port (0: any free port).")
+@click.option("--seconds", type=float, show_default="until Ctrl-C", help="Stop after this many seconds.")
+@click.pass_obj
+def capture_receive(s: Settings, db_path: Path | None, fleet_name: str, host: str, port: int,
+                    seconds: float | None) -> None:
+    """Receive captured records by HTTP POST (devices upload there when a capture request gives --url). Put
+    it behind TLS with client certificates: it cannot tell which device is posting by itself."""
+    from toolkit.capture.receive import Receiver
+
+    rec = Receiver(db_path or s.home / "fleet.db", fleet_name, host, port).start()
+    click.echo(f"receiving captured records for fleet {fleet_name!r} on {rec.url}; Ctrl-C to stop")
+    try:
+        time.sleep(seconds) if seconds else _forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rec.stop()
+    click.echo(f"stored {rec.stored} message(s), rejected {rec.rejected}")
 
 
 def register(cli: click.Group) -> None:

@@ -208,8 +208,9 @@ class FleetLink:
             return
         self._capture_seq = req.seq
         self.agent.capture.everything_until = req.until
-        log.info("capture request: every request until %s", time.strftime("%Y-%m-%d %H:%M:%S",
-                                                                          time.localtime(req.until)))
+        self.agent.capture.upload_url = req.url
+        log.info("capture request: every request until %s; records go %s", time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(req.until)), f"to {req.url}" if req.url else "over MQTT")
 
     def _resume(self) -> None:
         """After (re)connecting: continue the desired state this device has not reached yet, unless it

@@ -430,18 +430,22 @@ MAX_CAPTURE_MINUTES = 24 * 60
 
 @dataclass(frozen=True)
 class CaptureRequest:
-    """Capture every request until ``until`` (host clock, seconds since the epoch)."""
+    """Capture every request until ``until`` (host clock, seconds since the epoch); send captured records
+    to ``url`` by HTTP(S) POST instead of MQTT ("": over MQTT)."""
 
     target: str
     seq: int
     until: float
+    url: str = ""
 
 
-def capture_request_doc(target: str, minutes: float) -> dict[str, Any]:
+def capture_request_doc(target: str, minutes: float, url: str = "") -> dict[str, Any]:
     """Ask ``target`` (``device:ID`` or ``group:NAME``) to capture everything for ``minutes`` from now (0:
-    stop); sign it with sign_message and retain it (a device that connects later still sees when it ends)."""
+    stop), and to upload captured records to ``url`` (empty: over MQTT); sign it with sign_message and retain
+    it (a device that connects later still sees when it ends)."""
     now = time.time()
-    return {"type": "capture_request", "target": target, "seq": time.time_ns(), "t": now, "minutes": minutes}
+    return {"type": "capture_request", "target": target, "seq": time.time_ns(), "t": now, "minutes": minutes,
+            "url": url}
 
 
 def parse_capture_request(payload: bytes, topic: str, keyring: Keyring) -> CaptureRequest:
@@ -449,4 +453,8 @@ def parse_capture_request(payload: bytes, topic: str, keyring: Keyring) -> Captu
     target = f.str("target")
     if not target.startswith(("device:", "group:")):
         raise ProtocolError(f"{topic}: target must be device:ID or group:NAME, got {target!r:.60}")
-    return CaptureRequest(target, f.int("seq"), f.num("t", lo=0) + 60 * f.num("minutes", lo=0, hi=MAX_CAPTURE_MINUTES))
+    url = f.str("url", "", 2000)
+    if url and not url.startswith(("http://", "https://")):
+        raise ProtocolError(f"{topic}: url must be an http:// or https:// URL, got {url!r:.60}")
+    return CaptureRequest(target, f.int("seq"), f.num("t", lo=0) + 60 * f.num("minutes", lo=0, hi=MAX_CAPTURE_MINUTES),
+                          url)

@@ -10,13 +10,13 @@ from toolkit.signing import SigningKey
 
 
 def send_request(broker: Broker, fleet: str, key: SigningKey, minutes: float, device: str | None = None,
-                 group: str | None = None, timeout: float = 30.0) -> str:
+                 group: str | None = None, url: str = "", timeout: float = 30.0) -> str:
     import time
 
     target = f"device:{device}" if device else f"group:{group}"
     topic = (device_topic(fleet, device, "capture_request") if device
              else group_topic(fleet, group or "", "capture_request"))
-    payload = sign_message(capture_request_doc(target, minutes), key.key_id, key.sign)
+    payload = sign_message(capture_request_doc(target, minutes, url), key.key_id, key.sign)
     client = make_client(f"edgeship-capture-{time.time_ns()}", broker)
     connect_blocking(client, broker)
     try:
