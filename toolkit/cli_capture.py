@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from toolkit.cli_fleet import _forever, emit_json, mqtt_options
+from toolkit.cli_fleet import emit_json, mqtt_options, run_for
 from toolkit.settings import Settings
 
 _db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -175,12 +175,7 @@ def capture_receive(s: Settings, db_path: Path | None, fleet_name: str, host: st
 
     rec = Receiver(db_path or s.home / "fleet.db", fleet_name, host, port).start()
     click.echo(f"receiving captured records for fleet {fleet_name!r} on {rec.url}; Ctrl-C to stop")
-    try:
-        time.sleep(seconds) if seconds else _forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        rec.stop()
+    run_for(seconds, rec.stop)
     click.echo(f"stored {rec.stored} message(s), rejected {rec.rejected}")
 
 

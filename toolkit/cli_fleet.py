@@ -279,18 +279,22 @@ def fleet_collect(s: Settings, conn: Any, fleet_name: str, db_path: Path | None,
     col = Collector(conn, fleet_name, path, share, cid, retention_days, capture_retention_days).start()
     click.echo(f"collecting fleet {fleet_name!r} from {conn.host}:{conn.port} into {path}"
                + (f" (shared group {share})" if share else "") + "; Ctrl-C to stop")
-    try:
-        time.sleep(seconds) if seconds else _forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        col.stop()
+    run_for(seconds, col.stop)
     click.echo(f"stored {col.stored} message(s), rejected {col.rejected}")
 
 
-def _forever() -> None:
-    while True:
-        time.sleep(3600)
+def run_for(seconds: float | None, stop: Callable[[], None]) -> None:
+    """Let a service run for ``seconds`` (None: until Ctrl-C), then ``stop`` it."""
+    try:
+        if seconds:
+            time.sleep(seconds)
+        else:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
 
 
 _window_option = click.option("--window", default=300.0, show_default=True,
