@@ -1,8 +1,8 @@
 """Prediction capture benchmark: what capture costs the agent, and what it sends home.
 
-    python bench/capture_bench.py [--out docs/benchmarks-capture.json] [--seconds 20]
+    python bench/capture_bench.py [--out docs/benchmarks-capture.json] [--seconds 15]
 
-- Cost: two `edgeship-agent run` processes serving the int8 digits model, connected to one embedded
+- Cost: two `edgeship-agent run` processes serving the digits model, connected to one embedded
   broker; one without capture, one with `[capture] enabled = true, rate = 0.01`. Each gets 200 requests/s
   (v2 JSON over a keep-alive connection, paced open-loop) for SECONDS, one after the other, twice (off, on,
   off, on): process CPU (utime + stime over the window, in % of one core) and RSS at the end, same run.
@@ -200,7 +200,7 @@ def bytes_home() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-capture.json")
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--seconds", type=float, default=15.0)
     args = ap.parse_args()
     res = {"date": time.strftime("%Y-%m-%d"), "bytes_home": bytes_home()}
     print(json.dumps(res["bytes_home"], indent=2))

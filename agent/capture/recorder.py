@@ -13,9 +13,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -33,8 +32,7 @@ CAPTURE_FILE, LABELS_FILE = "capture.db", "labels.db"  # in the state dir
 SEND_EVERY_S = 1.0
 
 
-@dataclass(frozen=True)
-class Recent:
+class Recent(NamedTuple):  # (made for every request: a tuple is cheaper than a dataclass)
     """What the agent answered to one request (for field labels)."""
 
     model: str
@@ -59,6 +57,7 @@ class Capture:
         self._rlock = threading.Lock()
         self._decider: tuple[Any, Decider] | None = None
         self._handoff_dropped = 0
+        self._spent: tuple[int, int] | None = None  # (day, bytes) of the budget, read once from the queue
         self._link: tuple[Any, str, str] | None = None  # (paho client, fleet, device) once a fleet link attaches
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edgeship-capture", daemon=True)
@@ -97,11 +96,10 @@ class Capture:
         if d is None or d[0] is not cur:
             d = self._decider = (cur, Decider(self.cfg, cur.manifest))
         conf = confidence(out, d[1].outputs)
-        reasons = d[1].reasons(arrays, conf, time.time() < self.everything_until)
         t = time.time()
+        reasons = d[1].reasons(arrays, conf, t < self.everything_until)
         if request_id is not None and conf is not None:
-            rec = Recent(cur.manifest.name, cur.manifest.version, t, tuple(int(c) for c in conf[1]),
-                         tuple(float(c) for c in conf[2][:, 0]), bool(reasons), int(out[conf[0]].shape[1]))
+            rec = Recent(cur.manifest.name, cur.manifest.version, t, conf.top, conf.p1, bool(reasons), conf.classes)
             with self._rlock:
                 self._recent[request_id] = rec
                 self._recent.move_to_end(request_id)
@@ -159,20 +157,22 @@ class Capture:
                 "reasons": reasons, "layout": cur.model.layout}
         blob = encode_record(meta, [(s.name, a) for s, a in zip(cur.runner.inputs, arrays)],
                              [(s.name, out[s.name]) for s in cur.runner.outputs if s.name in out])
-        used = self._budget_used(t)
+        day, used = self._budget(t)
         if used + len(blob) > self.cfg.budget_bytes:
             self.outbox.add("over_budget", 1)
             return
-        self.outbox.add("budget_used", len(blob))
-        self.outbox.put_raw("", blob)
+        self._spent = (day, used + len(blob))  # kept in memory, saved with the record in one transaction
+        self.outbox.put_raw("", blob, {"budget_day": day, "budget_used": used + len(blob)})
+
+    def _budget(self, t: float) -> tuple[int, int]:
+        """(UTC day, bytes captured that day): a new day starts from zero."""
+        day = int(t // 86400)
+        if self._spent is None:
+            self._spent = (self.outbox.get("budget_day"), self.outbox.get("budget_used"))
+        return (day, self._spent[1]) if self._spent[0] == day else (day, 0)
 
     def _budget_used(self, t: float) -> int:
-        """Bytes captured today (UTC); a new day starts from zero."""
-        day = int(t // 86400)
-        if self.outbox.get("budget_day") != day:
-            self.outbox.set("budget_day", day)
-            self.outbox.set("budget_used", 0)
-        return self.outbox.get("budget_used")
+        return self._budget(t)[1]
 
     # ------------------------------------------------------------ sender
     def send(self) -> int:

@@ -54,14 +54,17 @@ class Outbox:
         """Queue a record; returns its sequence number. Drops the oldest beyond the bound."""
         return self.put_raw(topic, json.dumps(record, separators=(",", ":"), allow_nan=False).encode())
 
-    def put_raw(self, topic: str, payload: bytes) -> int:
+    def put_raw(self, topic: str, payload: bytes, meta: dict[str, int] | None = None) -> int:
         """Queue bytes; returns their sequence number. Drops the oldest beyond the bounds (a payload larger
-        than the byte bound alone is dropped itself: it is counted, and 0 is returned)."""
+        than the byte bound alone is dropped itself: it is counted, and 0 is returned). ``meta``: counters
+        set in the same transaction (e.g. the capture budget spent so far)."""
         if self.max_bytes and len(payload) > self.max_bytes:
             self.add("dropped", 1)
             return 0
         with self._lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
+            if meta:
+                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
             seq = self.db.execute("INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload)).lastrowid
             n = self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
             over = max(0, n - self.max_records)
