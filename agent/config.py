@@ -127,8 +127,11 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
         if typ is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if typ is bool and src == "env" and isinstance(v, str):
-            v = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-                 "off": False}.get(v.strip().lower(), v)
+            flag = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                    "off": False}.get(v.strip().lower())
+            if flag is None:
+                raise ConfigError(f"EDGESHIP_AGENT_{name.upper()}: expected true or false, got {v!r}")
+            v = flag
         if v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
             try:
                 v = typ(v) if src == "env" and typ is not bool else _bad(where, key, typ, v)
