@@ -327,3 +327,39 @@ def test_records_go_to_the_url_a_capture_request_gives(tmp_path, broker, keyring
         link.stop()
         a.capture.stop()
         rec.stop()
+
+
+def test_policy_decisions():
+    """Each policy on its own, on known outputs (unit level: the decision the agent makes inline)."""
+    from types import SimpleNamespace
+
+    from agent.capture.policy import Decider, confidence
+
+    spec = lambda n: SimpleNamespace(name=n)  # noqa: E731
+    m = SimpleNamespace(inputs=[spec("x")], outputs=[spec("probs")],
+                        data={"input_stats": [{"name": "x", "deciles": [0.0] + [0.5] * 9 + [1.0],
+                                               "bins": {"edges": [0.25, 0.5, 0.75], "p": [0.25] * 4}}]})
+    x_in, x_out = [np.array([[0.1, 0.3, 0.6, 0.9]], np.float32)], [np.full((1, 4), 3.0, np.float32)]
+    sure, unsure = np.array([[0.9, 0.05, 0.05]], np.float32), np.array([[0.5, 0.45, 0.05]], np.float32)
+    logits = np.array([[4.0, 0.0, -1.0]], np.float32)  # softmax: 0.976 top-1
+
+    def why(cfg, out, arrays=x_in, everything=False):
+        return Decider(cfg, m).reasons(arrays, confidence({"probs": out}, ["probs"]), everything)
+
+    assert why(CaptureConfig(enabled=True, low_confidence=0.6), unsure) == ["low-confidence"]
+    assert why(CaptureConfig(enabled=True, low_confidence=0.6), sure) == []
+    assert why(CaptureConfig(enabled=True, low_confidence=0.95), logits) == []  # logits read through a softmax
+    assert why(CaptureConfig(enabled=True, margin=0.1), unsure) == ["low-confidence"]
+    assert why(CaptureConfig(enabled=True, margin=0.1), sure) == []
+    assert why(CaptureConfig(enabled=True, drift_psi=5.0), sure, x_out) == ["drift"]  # outside the reference range
+    assert why(CaptureConfig(enabled=True, drift_psi=5.0), sure) == []  # one value per reference bin: PSI ~0
+    lumped = [np.full((1, 4), 0.3, np.float32)]  # in range, but all in one bin: PSI 6.9 against 4 even bins
+    assert why(CaptureConfig(enabled=True, drift_psi=5.0), sure, lumped) == ["drift"]
+    assert why(CaptureConfig(enabled=True), sure, everything=True) == ["requested"]
+    d = Decider(CaptureConfig(enabled=True, rate=0.1), m)
+    hits = sum(bool(d.reasons(x_in, None, False)) for _ in range(5000))
+    assert 350 < hits < 650  # 500 expected; 6 standard deviations either side
+    batch = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]], np.float32)  # one unsure row makes the request unsure
+    c = confidence({"probs": batch}, ["probs"])
+    assert c.top == (0, 0) and c.p1 == pytest.approx((0.9, 0.4)) and c.p2 == pytest.approx((0.05, 0.35))
+    assert why(CaptureConfig(enabled=True, low_confidence=0.6), batch) == ["low-confidence"]
