@@ -234,12 +234,17 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
         broker = Broker.parse(cfg.mqtt_broker, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_ca_file)
     lock = StateLock(cfg.state_dir).acquire(  # one owner; a running agent answers on its channel: no wait
         "edgeship-agent run", LOCK_WAIT, give_up=lambda: control.call(cfg.state_dir, {"op": "status"}, 5) is not None)
-    channel = server = link = None
+    channel = server = link = agent = None
     try:
         agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=dict(FAULTS),
                       profile=cfg.profile, interpreters=cfg.interpreters, max_sequences=cfg.max_sequences,
                       sequence_idle_timeout=cfg.sequence_idle_timeout)
         agent.start()
+        if cfg.capture.enabled:
+            from agent.capture.recorder import Capture
+
+            agent.capture = Capture(cfg.capture, cfg.state_dir).start()
+            click.echo(f"prediction capture on: {cfg.capture}")
         channel = control.ControlServer(agent).start()
         try:
             server = make_server(agent, cfg.http_host, cfg.http_port, settings=settings_of(cfg))
@@ -279,6 +284,8 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
             server.server_close()
         if channel is not None:
             channel.stop()
+        if agent is not None and agent.capture is not None:
+            agent.capture.stop()
         lock.release()
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from agent.capture.policy import CaptureConfig
 from agent.errors import ConfigError
 
 
@@ -47,6 +48,7 @@ class Config:
     max_sequences: int = 16
     sequence_idle_timeout: float = 60.0
     profile: str | None = None
+    capture: CaptureConfig = CaptureConfig()
 
 
 FIELDS: dict[str, tuple[str, type, Any]] = {
@@ -80,7 +82,19 @@ FIELDS: dict[str, tuple[str, type, Any]] = {
     "interpreters": ("agent.interpreters", int, None),
     "max_sequences": ("agent.max_sequences", int, 16),
     "sequence_idle_timeout": ("agent.sequence_idle_timeout", float, 60.0),
+    # [capture] (docs/agent.md, Prediction capture): name -> CaptureConfig field without the prefix
+    "capture_enabled": ("capture.enabled", bool, False),
+    "capture_rate": ("capture.rate", float, 0.0),
+    "capture_low_confidence": ("capture.low_confidence", float, 0.0),
+    "capture_margin": ("capture.margin", float, 0.0),
+    "capture_drift_psi": ("capture.drift_psi", float, 0.0),
+    "capture_budget_bytes": ("capture.budget_bytes", int, 10 << 20),
+    "capture_queue_max": ("capture.queue_max", int, 1000),
+    "capture_queue_bytes": ("capture.queue_bytes", int, 64 << 20),
+    "capture_labels_max": ("capture.labels_max", int, 10_000),
+    "capture_recent": ("capture.recent", int, 10_000),
 }
+FRACTIONS = ("capture_rate", "capture_low_confidence", "capture_margin")  # in [0, 1]
 SERVING = ("max_header_bytes", "max_connections", "backlog", "read_timeout", "keepalive_timeout", "interpreters",
            "max_sequences", "sequence_idle_timeout")
 
@@ -112,9 +126,15 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
             v = default
         if typ is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
-        if v is not None and not isinstance(v, typ) or isinstance(v, bool):
+        if typ is bool and src == "env" and isinstance(v, str):
+            flag = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                    "off": False}.get(v.strip().lower())
+            if flag is None:
+                raise ConfigError(f"EDGESHIP_AGENT_{name.upper()}: expected true or false, got {v!r}")
+            v = flag
+        if v is not None and (not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool)):
             try:
-                v = typ(v) if src == "env" else _bad(where, key, typ, v)
+                v = typ(v) if src == "env" and typ is not bool else _bad(where, key, typ, v)
             except ValueError as exc:
                 raise ConfigError(f"EDGESHIP_AGENT_{name.upper()}: expected {typ.__name__}, got {v!r}") from exc
         values[name] = v
@@ -122,6 +142,13 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
                  "drift_psi", "drift_every", *SERVING):
         low = 0 if name in ("http_port", "telemetry_interval", "drift_every") else 1e-9
         if values[name] is not None and values[name] < low:
+            raise ConfigError(f"{where}: {FIELDS[name][0]}: must be positive, got {values[name]}")
+    for name in ("capture_drift_psi", "capture_budget_bytes", *FRACTIONS):
+        if values[name] < 0 or (name in FRACTIONS and values[name] > 1):
+            raise ConfigError(f"{where}: {FIELDS[name][0]}: must be {'in [0, 1]' if name in FRACTIONS else '>= 0'}, "
+                              f"got {values[name]}")
+    for name in ("capture_queue_max", "capture_queue_bytes", "capture_labels_max", "capture_recent"):
+        if values[name] < 1:
             raise ConfigError(f"{where}: {FIELDS[name][0]}: must be positive, got {values[name]}")
     if values["mqtt_password_file"]:
         if values["mqtt_password"]:
@@ -134,6 +161,7 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
                   max_body_bytes=values["max_body_bytes"], mqtt_broker=values["mqtt_broker"],
                   fleet=values["fleet"], group=values["group"], mqtt_username=values["mqtt_username"],
                   mqtt_password=values["mqtt_password"], mqtt_ca_file=values["mqtt_ca_file"], profile=values["profile"],
+                  capture=CaptureConfig(**{k[8:]: v for k, v in values.items() if k.startswith("capture_")}),
                   **{k: values[k] for k in ("telemetry_interval", "heartbeat", "telemetry_queue_max", "drift_psi",
                                             "drift_every", *SERVING)})
 

@@ -33,6 +33,13 @@ def report(state_dir: Path, agent: "Agent | None" = None) -> dict[str, Any]:
         doc["fleet"] = fleet
     if (queue := _queue(state_dir / OUTBOX_FILE)) is not None:
         doc["telemetry_queue"] = queue
+    from agent.capture.recorder import CAPTURE_FILE, LABELS_FILE
+
+    if agent is not None and agent.capture is not None:
+        doc["capture"] = agent.capture.status()
+    elif (queue := _queue(state_dir / CAPTURE_FILE)) is not None:  # the queues of a capture that is not running
+        doc["capture"] = {"queued": queue.get("records"), "dropped": queue.get("dropped"),
+                          "labels_queued": (_queue(state_dir / LABELS_FILE) or {}).get("records")}
     return doc
 
 

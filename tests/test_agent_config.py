@@ -43,3 +43,20 @@ def test_errors_name_file_and_key(tmp_path, text, match):
         load_config(None, env={"EDGESHIP_AGENT_HTTP_PORT": "x"})
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.toml", env={})
+
+
+def test_capture_is_off_unless_enabled_and_checked(tmp_path):
+    assert load_config(None, env={}).capture.enabled is False
+    conf = tmp_path / "agent.toml"
+    conf.write_text("[capture]\nenabled = true\nrate = 0.01\nlow_confidence = 0.6\nbudget_bytes = 1000\n")
+    cap = load_config(conf, env={}).capture
+    assert (cap.enabled, cap.rate, cap.low_confidence, cap.budget_bytes, cap.sampling) == (True, 0.01, 0.6, 1000, True)
+    assert load_config(conf, env={"EDGESHIP_AGENT_CAPTURE_ENABLED": "false"}).capture.enabled is False
+    for text, match in [("enabled = 1", "capture.enabled: expected bool"), ("rate = 1.5", r"capture.rate: must be in \[0, 1\]"),
+                        ("low_confidence = -0.1", "capture.low_confidence"), ("queue_max = 0", "capture.queue_max"),
+                        ("budget_bytes = -1", "capture.budget_bytes"), ("rate = \"often\"", "capture.rate: expected float")]:
+        conf.write_text(f"[capture]\n{text}\n")
+        with pytest.raises(ConfigError, match=match):
+            load_config(conf, env={})
+    with pytest.raises(ConfigError, match="EDGESHIP_AGENT_CAPTURE_ENABLED"):
+        load_config(None, env={"EDGESHIP_AGENT_CAPTURE_ENABLED": "perhaps"})

@@ -145,7 +145,12 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(list((tmp_path / "home" / "demo" / "dist").glob("*.bundle"))) == 3
     out = res.output
     assert out.count("via delta") == 4 and "4 devices, 4 online" in out, out[-3000:]
-    assert out.count("digits@2") == 4 and "rollout 2: wave 2: 3 installed, 0 failed" in out
+    assert sum(line.startswith("pi-") and "digits@2" in line for line in out.splitlines()) == 4, out[-3000:]
+    assert "rollout 2: wave 2: 3 installed, 0 failed" in out
+    # the loop: low-confidence requests captured on the agents, exported, built into v3, rolled out
+    assert "capture export --reason low-confidence" in out and "rollout 3: wave 2: 3 installed, 0 failed" in out
+    v1 = next(line for line in out.splitlines() if line.startswith("digits@1 "))
+    assert float(v1.split()[4]) > 0.9, v1  # live accuracy of v1 from the field labels
     http_acc = [float(line.rsplit("accuracy ", 1)[1]) for line in out.splitlines() if "http://" in line and "digits, accuracy" in line]
     assert len(http_acc) == 4 and min(http_acc) > 0.95
     assert (tmp_path / "home" / "demo" / "fleet-report.html").is_file()

@@ -179,3 +179,40 @@ def test_read_commands_refuse_a_missing_database(tmp_path):
         res = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), *cmd, "--db", str(tmp_path / "typo.db")])
         assert res.exit_code == 1 and "no fleet database there" in res.output, res.output
     assert not (tmp_path / "typo.db").exists()
+
+
+def _labels(fleet, device, version, right, wrong, received):
+    """Field labels as a device sends them (one labelled request per sample), stored by the collector."""
+    from agent.fleet.protocol import label_doc
+    from toolkit.fleet.collector import parse_many
+
+    for i in range(right + wrong):
+        fleet.seq[device + "/l"] = n = fleet.seq.get(device + "/l", 0) + 1
+        doc = label_doc(device, f"{device}-{n}", "digits", version, received - 1, [3], [3 if i < right else 5], [0.8],
+                        False)
+        for kind, row in parse_many("f", device_topic("f", device, "label"), telemetry_payload(doc, n, 0),
+                                    now=received):
+            fleet.db.execute(SQL[kind], row)
+    fleet.db.commit()
+
+
+def test_live_accuracy_halts_a_wave_once_both_sides_have_enough_labels(fleet):
+    """Same speed, same classes counted, but the field labels say v2 is right less often than v1 in the
+    same group: 80% vs 95%. Compared only once each side has --min-labels labelled samples."""
+    since = NOW - 30
+    fleet.record("peer", since + 1, [5.0] * 100, version=1)
+    fleet.record("canary", since + 1, [5.0] * 100, version=2)
+    _labels(fleet, "peer", 1, 38, 2, since + 2)
+    _labels(fleet, "canary", 2, 32, 8, since + 2)
+    reason, summary = health_verdict(fleet.db, ["canary"], "digits", "a", 2, [1], since, NOW, NOW - 100)
+    assert reason == "" and "fewer than 50 labels on a side: no accuracy verdict" in summary, summary
+    _labels(fleet, "peer", 1, 57, 3, since + 3)
+    _labels(fleet, "canary", 2, 48, 12, since + 3)
+    _labels(fleet, "elsewhere", 1, 0, 100, since + 3)  # another group's labels are not the control
+    fleet.record("elsewhere", since + 1, [5.0] * 100, version=1, group="b")
+    reason, summary = health_verdict(fleet.db, ["canary"], "digits", "a", 2, [1], since, NOW, NOW - 100)
+    assert reason.startswith("live accuracy 80.00% vs 95.00%"), summary
+    loose = Thresholds(max_accuracy_drop=0.2)
+    assert health_verdict(fleet.db, ["canary"], "digits", "a", 2, [1], since, NOW, NOW - 100, loose)[0] == ""
+    few = Thresholds(min_labels=500)
+    assert health_verdict(fleet.db, ["canary"], "digits", "a", 2, [1], since, NOW, NOW - 100, few)[0] == ""

@@ -53,7 +53,44 @@ def _samples(tmp_path) -> dict[str, bytes]:
         "presence": P.encode(P.presence_doc(True, 30.0)),
         "offline": P.encode(P.presence_doc(False)),
         "telemetry": P.telemetry_payload(record, 42, 3),
+        "label": P.telemetry_payload(P.label_doc("pi-1", "r-1", "digits", 2, 1.5, [3, 1], [3, 7], [0.9, 0.4], True),
+                                     5, 0),
+        "capture_request": P.sign_message(P.capture_request_doc("device:pi-1", 10), "k1", lambda b: b"sig"),
+        "capture-header": _capture_header(),
+        "capture-record": _capture_meta(),
     }
+
+
+def _capture_message() -> bytes:
+    import numpy as np
+
+    from agent.fleet.capture_wire import encode_record, pack
+
+    blob = encode_record({"id": "r-1", "model": "digits", "version": 2, "t": 1.5, "reasons": ["rate"],
+                          "layout": "batch"}, [("image", np.ones((1, 8, 8, 1), np.float32))],
+                         [("probs", np.full((1, 10), 0.1, np.float32))])
+    big = encode_record({"id": "r-2", "model": "digits", "version": 2, "t": 1.5, "reasons": ["requested"],
+                         "layout": "batch"}, [("image", np.random.default_rng(0).random((1, 300, 300), np.float32))], [])
+    return [m for _, m in pack("pi-1", [(1, blob), (2, big)], 4, 2)]
+
+
+def _capture_header() -> bytes:
+    """The JSON headers of capture messages (whole records and a part), for the documentation check."""
+    from agent.fleet.capture_wire import MAGIC
+
+    heads = [m[len(MAGIC):m.index(b"\n", len(MAGIC))] for m in _capture_message()]
+    return json.dumps([json.loads(h) for h in heads]).encode()
+
+
+def _capture_meta() -> bytes:
+    import struct
+    import zlib
+
+    from agent.fleet.capture_wire import parse_capture
+
+    blob = parse_capture(_capture_message()[0], "t", "pi-1").records[0][1]
+    raw = zlib.decompress(blob)
+    return raw[4:4 + struct.unpack("<I", raw[:4])[0]]
 
 
 def _keys(doc, out: set[str]) -> set[str]:
@@ -96,6 +133,70 @@ def test_builders_and_parsers_agree(tmp_path):
     assert sum(t.hist["counts"].values()) == 4 and t.p95_ms == pytest.approx(250, rel=0.08)
     assert t.drift["inputs"][0]["counts"] and len(t.drift["inputs"][0]["ref_p"]) == 3
     assert sum(t.drift["outputs"][0]["counts"]) == 60
+    lb = P.parse_label(s["label"], "t", "pi-1")
+    assert (lb.seq, lb.id, lb.version, lb.labels, lb.predicted, lb.captured) == (5, "r-1", 2, (3, 1), (3, 7), True)
+    cr = P.parse_capture_request(s["capture_request"], "t", _Trusting())
+    assert cr.target == "device:pi-1" and cr.until == pytest.approx(json.loads(s["capture_request"])["t"] + 600)
+    from agent.fleet.capture_wire import decode_record, parse_capture
+
+    msgs = [parse_capture(m, "t", "pi-1") for m in _capture_message()]
+    rec = decode_record(msgs[0].records[0][1], "t")
+    assert (rec.id, rec.reasons, rec.inputs["image"].shape, msgs[0].dropped, msgs[0].over_budget) == (
+        "r-1", ("rate",), (1, 8, 8, 1), 4, 2)
+    parts = [m.part for m in msgs if m.part]
+    assert len(parts) == parts[0][2] > 1
+    joined = b"".join(p[4] for p in sorted(parts, key=lambda p: p[1]))
+    assert decode_record(joined, "t").inputs["image"].shape == (1, 300, 300)
+
+
+def _capture(head: dict, body: bytes = b"") -> bytes:
+    from agent.fleet.capture_wire import MAGIC
+
+    return MAGIC + json.dumps({"v": 1, "type": "capture", "device": "d", **head}).encode() + b"\n" + body
+
+
+def _record(meta: dict, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    head = json.dumps({"id": "r", "model": "m", "version": 1, "t": 1.0, "reasons": [], "layout": "batch",
+                       **meta}).encode()
+    return zlib.compress(struct.pack("<I", len(head)) + head + data)
+
+
+@pytest.mark.parametrize("payload, field", [
+    (b"GIF89a", "not an edgeship capture"),
+    (_capture({"device": "e"}), "names device"),
+    (_capture({"records": [{"seq": 1, "size": 10}]}, b"abc"), "runs past"),
+    (_capture({"records": [{"seq": 1, "size": 3}]}, b"abcdef"), "after the records"),
+    (_capture({"records": [{"seq": 0, "size": 3}]}, b"abc"), "seq"),
+    (_capture({"records": [{"seq": 1, "size": 3}] * 1001}, b"abc"), "records"),
+    (_capture({"part": {"seq": 1, "index": 5, "count": 2, "size": 9}}, b"abc"), "index"),
+    (_capture({}) + b" " * 300_000, "exceeds"),
+])
+def test_capture_messages_from_outside_are_checked(payload, field):
+    from agent.fleet.capture_wire import parse_capture
+
+    with pytest.raises(P.ProtocolError, match=field):
+        parse_capture(payload, "t", "d")
+
+
+@pytest.mark.parametrize("blob, field", [
+    (_record({"tensors": [{"name": "x", "role": "input", "dtype": "float32", "shape": [1, 4]}]}, b"\0" * 8),
+     "other than the 16 bytes"),
+    (_record({"tensors": [{"name": "x", "role": "input", "dtype": "float32", "shape": [1 << 20, 1 << 20]}]}, b""),
+     "exceed"),  # a shape claiming terabytes is refused before anything is inflated
+    (_record({"tensors": [{"name": "x", "role": "input", "dtype": "float32", "shape": [4]}]}, b"\0" * (100 << 20)),
+     "other than the 16 bytes"),  # a zlib bomb stops at what the shapes say
+    (_record({"tensors": [{"name": "x", "role": "input", "dtype": "object", "shape": [1]}]}, b"\0"), "dtype"),
+    (_record({"reasons": "x" * 100}, b""), "reasons"),
+    (b"not zlib", "zlib"),
+])
+def test_captured_records_from_outside_are_checked(blob, field):
+    from agent.fleet.capture_wire import decode_record
+
+    with pytest.raises(P.ProtocolError, match=field):
+        decode_record(blob, "t")
 
 
 class _Trusting:

@@ -18,6 +18,7 @@ import click
 from agent.errors import AgentError
 from toolkit.cli_fleet import emit_json as _emit
 from toolkit.cli_fleet import register
+from toolkit.cli_capture import register as register_capture
 from toolkit.errors import ToolkitError
 from toolkit.settings import Settings
 
@@ -452,6 +453,7 @@ def demo(s: Settings, workdir: Path | None, quick: bool) -> None:
 
 
 register(cli)  # publish, broker, rollout, fleet
+register_capture(cli)  # capture
 
 
 def main() -> None:

@@ -161,6 +161,10 @@ def _show(r: dict[str, Any]) -> None:
 @click.option("--max-input-psi-increase", default=0.25, show_default=True,
               help="Halt when the wave's inputs are further from the new model's reference statistics than the "
                    "control's from theirs by more than this PSI.")
+@click.option("--max-accuracy-drop", default=0.05, show_default=True,
+              help="Halt when the wave's live accuracy (from field labels) is below the control's by more than this.")
+@click.option("--min-labels", default=50, show_default=True,
+              help="Labelled samples needed on each side before live accuracy is compared.")
 @click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Extra base bundles for delta patches (bundles in the registry are found automatically).")
 @click.option("--fleet-db", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/fleet.db",
@@ -169,7 +173,8 @@ def _show(r: dict[str, Any]) -> None:
 @click.pass_obj
 def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failures: int, timeout: float,
                   observe: float, max_error_increase: float, max_p95_increase: float, max_class_psi: float,
-                  max_input_psi_increase: float, delta_from: tuple[Path, ...], fleet_db: Path | None, conn: Any,
+                  max_input_psi_increase: float, max_accuracy_drop: float, min_labels: int,
+                  delta_from: tuple[Path, ...], fleet_db: Path | None, conn: Any,
                   fleet_name: str, key: Path | None) -> None:
     """Canary wave, then the rest; halt and roll the wave back when devices fail or get worse."""
     from toolkit.fleet.rollout import Thresholds
@@ -178,7 +183,8 @@ def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failur
         pct = float(canary.rstrip("%"))
     except ValueError as exc:
         raise click.BadParameter(f"{canary!r} is not a percentage", param_hint="--canary") from exc
-    th = Thresholds(max_error_increase, max_p95_increase, max_class_psi, max_input_psi_increase)
+    th = Thresholds(max_error_increase, max_p95_increase, max_class_psi, max_input_psi_increase, max_accuracy_drop,
+                    min_labels)
     r = _rollouts(s, conn, fleet_name, key, fleet_db).start(bundle, group, pct, max_failures, timeout, observe, th,
                                                             list(delta_from))
     _show(r)
@@ -256,32 +262,39 @@ _db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False, pat
 @click.option("--client-id", show_default="edgeship-collector-HOSTNAME-FLEET(-SHARE)",
               help="MQTT client id; the broker queues telemetry for it while it is down.")
 @click.option("--retention-days", default=30.0, show_default=True, help="Delete telemetry older than this.")
+@click.option("--capture-retention-days", default=30.0, show_default=True,
+              help="Delete captured predictions and field labels collected longer ago than this.")
 @click.option("--seconds", type=float, show_default="until Ctrl-C", help="Stop after this many seconds.")
 @click.pass_obj
 def fleet_collect(s: Settings, conn: Any, fleet_name: str, db_path: Path | None, share: str | None,
-                  client_id: str | None, retention_days: float, seconds: float | None) -> None:
-    """Store all telemetry and device state in SQLite (WAL)."""
+                  client_id: str | None, retention_days: float, capture_retention_days: float,
+                  seconds: float | None) -> None:
+    """Store all telemetry, device state, captured predictions and field labels in SQLite (WAL)."""
     import socket
 
     from toolkit.fleet.collector import Collector
 
     path = db_path or s.home / "fleet.db"
     cid = client_id or f"edgeship-collector-{socket.gethostname()}-{fleet_name}" + (f"-{share}" if share else "")
-    col = Collector(conn, fleet_name, path, share, cid, retention_days).start()
+    col = Collector(conn, fleet_name, path, share, cid, retention_days, capture_retention_days).start()
     click.echo(f"collecting fleet {fleet_name!r} from {conn.host}:{conn.port} into {path}"
                + (f" (shared group {share})" if share else "") + "; Ctrl-C to stop")
-    try:
-        time.sleep(seconds) if seconds else _forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        col.stop()
+    run_for(seconds, col.stop)
     click.echo(f"stored {col.stored} message(s), rejected {col.rejected}")
 
 
-def _forever() -> None:
-    while True:
-        time.sleep(3600)
+def run_for(seconds: float | None, stop: Callable[[], None]) -> None:
+    """Let a service run for ``seconds`` (None: until Ctrl-C), then ``stop`` it."""
+    try:
+        if seconds:
+            time.sleep(seconds)
+        else:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
 
 
 _window_option = click.option("--window", default=300.0, show_default=True,
@@ -292,18 +305,24 @@ _window_option = click.option("--window", default=300.0, show_default=True,
 @_db_option
 @_window_option
 @_json_option
+@click.option("--versions", "by_version", is_flag=True,
+              help="Only the per-version table (live accuracy, confidence, classes); with --json, its rows.")
 @click.pass_obj
-def fleet_status(s: Settings, db_path: Path | None, window: float, as_json: bool) -> None:
-    """Device, group, online, model version, p95, error rate, drift, last seen (from the collector's database)."""
+def fleet_status(s: Settings, db_path: Path | None, window: float, as_json: bool, by_version: bool) -> None:
+    """Per device: group, online, model version, p95, error rate, drift, last seen; per version: live accuracy
+    from field labels, confidence histogram, predicted classes (from the collector's database)."""
     from toolkit.fleet.collector import open_db
-    from toolkit.fleet.views import status, table
+    from toolkit.fleet.views import status, table, version_table, versions
 
     db = open_db(db_path or s.home / "fleet.db", must_exist=True)
     try:
-        rows = status(db, window)
+        rows = [] if by_version else status(db, window)
+        vrows = versions(db, window) if by_version or not as_json else []
     finally:
         db.close()
-    emit_json(rows) if as_json else click.echo(table(rows, window=window))
+    if as_json:
+        return emit_json(vrows if by_version else rows)
+    click.echo(version_table(vrows) if by_version else table(rows, window=window) + "\n\n" + version_table(vrows))
 
 
 @fleet.command("watch")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from agent.fleet import delta
 from agent.fleet.desired import accept, count_attempt, failure, gave_up, load_state, pending, save_state
 from agent.install import describe
 from agent.fleet.mqtt import Broker, make_client
-from agent.fleet.protocol import Desired, device_topic, encode, group_topic, presence_doc, reported_doc
+from agent.fleet.protocol import (Desired, device_topic, encode, group_topic, parse_capture_request, presence_doc,
+                                   reported_doc)
 from agent.fleet.reporter import Reporter, TelemetryConfig
 from agent.fleet.transfer import Transfer
 from agent.keys import Keyring
@@ -40,6 +42,9 @@ class FleetLink:
                              retain=True)
         self.desired_topics = {device_topic(fleet, device_id, "desired")} | (
             {group_topic(fleet, group)} if group else set())
+        self.capture_topics = ({device_topic(fleet, device_id, "capture_request")} | (
+            {group_topic(fleet, group, "capture_request")} if group else set())) if agent.capture else set()
+        self._capture_seq = 0
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, msg: self.q.put((msg.topic, msg.payload))
         self.transfer = Transfer(agent, self.client, fleet, agent.store.dir / "downloads", self._install)
@@ -49,6 +54,8 @@ class FleetLink:
         agent.on_swap.append(lambda: self.q.put(("$swap", b"")))  # a local install/rollback changed it
         self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
         self.reporter = Reporter(self, telemetry) if telemetry else None  # telemetry + heartbeat
+        if agent.capture is not None:
+            agent.capture.attach(self.client, fleet, device_id)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -75,10 +82,12 @@ class FleetLink:
             return
         presence = self.reporter.presence() if self.reporter else encode(presence_doc(True))
         client.publish(device_topic(self.fleet, self.device, "presence"), presence, qos=1, retain=True)
-        client.subscribe([(t, 1) for t in sorted(self.desired_topics)])
+        client.subscribe([(t, 1) for t in sorted(self.desired_topics | self.capture_topics)])
         self.q.put(("$resume", b""))
         if self.reporter:
             self.reporter.wake()
+        if self.agent.capture is not None:
+            self.agent.capture.wake()
 
     # ------------------------------------------------------------ worker
     def _work(self) -> None:
@@ -94,6 +103,8 @@ class FleetLink:
                     self._report()
                 elif topic in self.desired_topics:  # not another device's: amqtt sends more than we asked
                     self._on_desired(topic, payload)
+                elif topic in self.capture_topics and payload:
+                    self._on_capture_request(topic, payload)
                 elif topic.endswith("/index"):
                     self.transfer.on_index(topic, payload)
                 elif "/chunk/" in topic:
@@ -188,6 +199,18 @@ class FleetLink:
         if error:
             self.status, self.error = "failed", error
             self._report()
+
+    def _on_capture_request(self, topic: str, payload: bytes) -> None:
+        """The host asks for every request until a time (signed; a retained request that already ended
+        changes nothing)."""
+        req = parse_capture_request(payload, topic, self.keyring)
+        if req.target not in (f"device:{self.device}", f"group:{self.group}") or req.seq <= self._capture_seq:
+            return
+        self._capture_seq = req.seq
+        self.agent.capture.everything_until = req.until
+        self.agent.capture.upload_url = req.url
+        log.info("capture request: every request until %s; records go %s", time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(req.until)), f"to {req.url}" if req.url else "over MQTT")
 
     def _resume(self) -> None:
         """After (re)connecting: continue the desired state this device has not reached yet, unless it

@@ -10,6 +10,9 @@ sides agree by construction. docs/protocol.md documents every field the builders
     reported    reported_doc     parse_reported    device (retained)
     presence    presence_doc     parse_presence    device (retained; the last will says offline)
     telemetry   telemetry_doc    parse_telemetry   device (through its outbox: telemetry_payload stamps seq)
+    label       label_doc        parse_label       device (a field label, through its own outbox)
+    capture_request  capture_request_doc  parse_capture_request  host (signed, retained)
+    capture     capture_wire.pack  capture_wire.parse_capture  device (binary: captured predictions)
 
 Parsers trust nothing: sizes, types, ranges and list lengths are checked, and ProtocolError names the
 topic and the field.
@@ -35,7 +38,7 @@ PREFIX = f"edgeship/v{VERSION}"
 CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 MAX_MESSAGE_BYTES = 256 * 1024
-DEVICE_KINDS = ("desired", "reported", "presence", "telemetry")
+DEVICE_KINDS = ("desired", "reported", "presence", "telemetry", "capture", "label", "capture_request")
 STATUSES = ("idle", "downloading", "installing", "installed", "failed", "rolled-back")
 TRANSFER_MODES = ("full", "delta", "url")
 MAX_TENSORS = 64  # inputs / outputs described in one telemetry record
@@ -49,8 +52,9 @@ def device_topic(fleet: str, device: str, kind: str) -> str:
     return f"{PREFIX}/{fleet}/device/{device}/{kind}"
 
 
-def group_topic(fleet: str, group: str) -> str:
-    return f"{PREFIX}/{fleet}/group/{group}/desired"
+def group_topic(fleet: str, group: str, kind: str = "desired") -> str:
+    """kind: desired | capture_request"""
+    return f"{PREFIX}/{fleet}/group/{group}/{kind}"
 
 
 def bundle_topic(fleet: str, sha256: str) -> str:
@@ -370,7 +374,87 @@ def _drift(d: Fields | None) -> dict[str, Any] | None:
         inputs.append({"name": x.str("name"), "psi": x.num("psi", None, lo=0), "counts": counts, "ref_p": ref,
                        "mean_shift_std": x.num("mean_shift_std", None)})
     outputs = [{"name": y.str("name"), "psi": y.num("psi", None, lo=0),
-                "counts": y.ints("counts", MAX_CLASSES, None)} for y in d.items("outputs", MAX_TENSORS)]
+                "counts": y.ints("counts", MAX_CLASSES, None), "confidence": y.ints("confidence", 100, None)}
+               for y in d.items("outputs", MAX_TENSORS)]
     return {"rows": d.int("rows", 0, 2**53, 0), "inputs": inputs, "outputs": outputs,
             "max_psi": d.num("max_psi", 0.0, lo=0), "flag": d.bool("flag", False),
             "threshold": d.num("threshold", None, lo=0)}
+
+
+# ---------------------------------------------------------------- field labels
+MAX_LABEL_ROWS = 1024  # samples of one labelled request
+
+
+@dataclass(frozen=True)
+class Label:
+    """A ground-truth label for a request the device answered, with what it predicted then."""
+
+    device: str
+    seq: int
+    dropped: int
+    id: str
+    model: str
+    version: int
+    t: float
+    labels: tuple[int, ...]
+    predicted: tuple[int, ...]
+    confidence: tuple[float, ...]
+    captured: bool
+
+
+def label_doc(device: str, request_id: str, model: str, version: int, t: float, labels: list[int],
+              predicted: list[int], confidence: list[float], captured: bool) -> dict[str, Any]:
+    """``t``: when the request was answered; one label, predicted class and top-1 probability per sample.
+    Queued in the device's label outbox; telemetry_payload stamps seq and dropped."""
+    return {"v": VERSION, "type": "label", "device": device, "id": request_id, "model": model, "version": version,
+            "t": t, "labels": labels, "predicted": predicted, "confidence": [round(c, 4) for c in confidence],
+            "captured": captured}
+
+
+def parse_label(payload: bytes, topic: str, device: str) -> Label:
+    f = Fields(parse_message(payload, topic, expect_type="label"), topic)
+    if f.str("device") != device:
+        raise ProtocolError(f"{topic}: label names device {f.doc['device']!r:.60}")
+    labels, predicted = f.ints("labels", MAX_LABEL_ROWS), f.ints("predicted", MAX_LABEL_ROWS)
+    conf = f.nums("confidence", MAX_LABEL_ROWS)
+    if not labels or len(labels) != len(predicted) or len(conf) != len(labels) or not all(0 <= c <= 1 for c in conf):
+        raise ProtocolError(f"{topic}: labels, predicted and confidence (in [0, 1]) need one entry per sample")
+    return Label(device, f.int("seq", 1), f.int("dropped", 0, default=0), f.str("id"), f.str("model"),
+                 f.int("version"), f.num("t", lo=0), tuple(labels), tuple(predicted), tuple(conf),
+                 f.bool("captured", False))
+
+
+# ---------------------------------------------------------------- capture request
+MAX_CAPTURE_MINUTES = 24 * 60
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """Capture every request until ``until`` (host clock, seconds since the epoch); send captured records
+    to ``url`` by HTTP(S) POST instead of MQTT ("": over MQTT)."""
+
+    target: str
+    seq: int
+    until: float
+    url: str = ""
+
+
+def capture_request_doc(target: str, minutes: float, url: str = "") -> dict[str, Any]:
+    """Ask ``target`` (``device:ID`` or ``group:NAME``) to capture everything for ``minutes`` from now (0:
+    stop), and to upload captured records to ``url`` (empty: over MQTT); sign it with sign_message and retain
+    it (a device that connects later still sees when it ends)."""
+    now = time.time()
+    return {"type": "capture_request", "target": target, "seq": time.time_ns(), "t": now, "minutes": minutes,
+            "url": url}
+
+
+def parse_capture_request(payload: bytes, topic: str, keyring: Keyring) -> CaptureRequest:
+    f = Fields(parse_message(payload, topic, keyring, expect_type="capture_request"), topic)
+    target = f.str("target")
+    if not target.startswith(("device:", "group:")):
+        raise ProtocolError(f"{topic}: target must be device:ID or group:NAME, got {target!r:.60}")
+    url = f.str("url", "", 2000)
+    if url and not url.startswith(("http://", "https://")):
+        raise ProtocolError(f"{topic}: url must be an http:// or https:// URL, got {url!r:.60}")
+    return CaptureRequest(target, f.int("seq"), f.num("t", lo=0) + 60 * f.num("minutes", lo=0, hi=MAX_CAPTURE_MINUTES),
+                          url)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.fleet.outbox import Outbox
+from agent.fleet.outbox import Outbox, publish_acked
 from agent.fleet.protocol import device_topic, encode, presence_doc, telemetry_doc, telemetry_payload
 from agent.fleet.telemetry import PSI_THRESHOLD, System
 
@@ -78,22 +78,13 @@ class Reporter:
             rows, dropped = self.outbox.peek(BATCH)
             if not rows:
                 break
-            infos = [(seq, client.publish(topic, telemetry_payload(record, seq, dropped), qos=1))
-                     for seq, topic, record in rows]
-            acked = None
-            for seq, info in infos:
-                try:
-                    info.wait_for_publish(10)
-                except RuntimeError:  # not queued: the connection went away
-                    break
-                if not info.is_published():
-                    break
-                acked = seq
+            acked = publish_acked(client, [(seq, topic, telemetry_payload(record, seq, dropped))
+                                           for seq, topic, record in rows])
             if acked is None:
                 break
             self.outbox.ack(acked)
-            sent += sum(1 for seq, _ in infos if seq <= acked)
-            if acked != infos[-1][0]:
+            sent += sum(1 for seq, _, _ in rows if seq <= acked)
+            if acked != rows[-1][0]:
                 break
         return sent
 

@@ -28,6 +28,8 @@ PSI_EPS = 1e-4
 PSI_THRESHOLD = 0.25  # PSI above this is a significant shift (the usual rule of thumb)
 DRIFT_SAMPLE = 1024  # input values looked at per request (strided)
 DRIFT_MIN_ROWS = 50  # requests' worth of data before a drift score is reported
+SUM_TOLERANCE = 0.05  # rows of probabilities sum to 1 within this (an int8 softmax output is off by ~1%)
+CONF_BINS = 10  # confidence histogram of a classifier output: top-1 probability in tenths
 
 
 @functools.lru_cache(maxsize=4096)
@@ -107,6 +109,16 @@ class Window:
         return out
 
 
+def top1(y: np.ndarray) -> np.ndarray:
+    """The top-1 probability of each row of a classifier output (rows that are not probabilities — negative
+    values, or not summing to 1 — are logits: softmax first)."""
+    p = y.astype(np.float64, copy=False)
+    if p.min() < 0 or p.max() > 1 or np.abs(p.sum(1) - 1).max() > SUM_TOLERANCE:
+        e = np.exp(p - p.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True)).max(1)
+    return p.max(1)
+
+
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     """Population stability index between two distributions over the same bins."""
     e = np.clip(expected, PSI_EPS, None)
@@ -143,6 +155,7 @@ class Drift:
         self.in_sum = [0.0] * len(self.inputs)
         self.in_n = [0] * len(self.inputs)
         self.out_counts = [np.zeros(len(p)) for _, p in self.outputs]
+        self.out_conf = [np.zeros(CONF_BINS) for _ in self.outputs]
 
     @property
     def enabled(self) -> bool:
@@ -165,6 +178,8 @@ class Drift:
                 y = outputs.get(name)
                 if y is not None and y.ndim == 2 and y.shape[1] == len(p):
                     self.out_counts[k] += np.bincount(y.argmax(1), minlength=len(p))
+                    self.out_conf[k] += np.bincount(np.minimum((top1(y) * CONF_BINS).astype(np.int64),
+                                                               CONF_BINS - 1), minlength=CONF_BINS)
 
     def snapshot(self, threshold: float = PSI_THRESHOLD) -> dict[str, Any] | None:
         """Scores once enough requests were seen (then start a new window); None before that."""
@@ -179,8 +194,8 @@ class Drift:
                             "mean_shift_std": round(abs(s / n - ref[3]) / ref[4], 3),
                             "counts": [int(x) for x in counts], "ref_p": [float(x) for x in ref[2]]})
             outs = [{"name": name, "psi": round(psi(p, c / c.sum()), 4), "p": [round(x, 4) for x in c / c.sum()],
-                     "counts": [int(x) for x in c]}
-                    for (name, p), c in zip(self.outputs, self.out_counts) if c.sum()]
+                     "counts": [int(x) for x in c], "confidence": [int(x) for x in conf]}
+                    for (name, p), c, conf in zip(self.outputs, self.out_counts, self.out_conf) if c.sum()]
             rows = self.rows
             self._reset()
         worst = max([x["psi"] for x in ins + outs] or [0.0])

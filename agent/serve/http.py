@@ -28,7 +28,7 @@ from agent.serve.server import Request, Response, Server, ServerSettings, error
 from agent.serve.service import Agent, Loaded
 
 log = logging.getLogger(__name__)
-_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
+_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/feedback)?$")
 _JSON = "application/json"
 _FIXED = {"/v2": ("GET",), "/v2/health/live": ("GET",), "/v2/health/ready": ("GET",), "/metrics": ("GET",),
           "/predict": ("POST",)}
@@ -56,7 +56,8 @@ class App:
 
     def _route(self, req: Request, path: str) -> Response:
         m = _MODEL.match(path)
-        allowed = _FIXED.get(path) or (None if m is None else ("POST",) if m.group(3) == "/infer" else ("GET",))
+        allowed = _FIXED.get(path) or (None if m is None else ("POST",) if m.group(3) in ("/infer", "/feedback")
+                                       else ("GET",))
         if allowed is None:
             raise HTTPError(404, f"no such endpoint: {req.method} {path}")
         if req.method not in allowed:
@@ -68,7 +69,8 @@ class App:
         if path == "/v2/health/ready":
             return _json({"ready": cur is not None}, 200 if cur else 503)
         if path == "/v2":
-            return _json({"name": "edgeship-agent", "version": __version__, "extensions": v2.EXTENSIONS})
+            ext = sorted([*v2.EXTENSIONS, "feedback"]) if self.agent.capture is not None else v2.EXTENSIONS
+            return _json({"name": "edgeship-agent", "version": __version__, "extensions": ext})
         if path == "/metrics":
             return Response(200, [self.agent.metrics.prometheus(cur).encode()], "text/plain; version=0.0.4")
         if path == "/predict":
@@ -81,6 +83,8 @@ class App:
             return _json({"name": name, "ready": True})
         if action == "/config":
             return _json(v2.config(cur.manifest, cur.runner, self.agent.interpreters))
+        if action == "/feedback":
+            return self._feedback(req, name)
         return self._infer(req, cur)
 
     def _infer(self, req: Request, cur: Loaded) -> Response:
@@ -88,7 +92,10 @@ class App:
         r = cur.runner
         ir = v2.parse_infer(body, req.headers.get("inference-header-content-length"), r.all_inputs, r.all_outputs,
                             r.outputs)
-        answered, out = self.agent.infer(ir.inputs, ir.sequence)
+        capture = self.agent.capture
+        if capture is not None and ir.id is None:  # the response carries the id that feedback refers to
+            ir = dataclasses.replace(ir, id=capture.new_id())
+        answered, out = self.agent.infer(ir.inputs, ir.sequence, ir.id if capture is not None else None)
         if not ir.outputs_asked:  # a client that carried the model's state gets the next state back too
             extra = tuple(v2.Wanted(n, ir.outputs[0].binary if ir.outputs else False) for n in out
                           if n not in {w.name for w in ir.outputs})
@@ -109,12 +116,34 @@ class App:
             raise HTTPError(400, f"input: not a numeric array ({exc})") from exc
         if not np.isfinite(arr).all():
             raise HTTPError(400, "input: NaN/Inf values (or numbers beyond float32) are not allowed")
-        cur, out = self.agent.infer(arr)
+        capture = self.agent.capture
+        rid = capture.new_id() if capture is not None else None
+        cur, out = self.agent.infer(arr, request_id=rid)
         first = next(iter(out.values()))
         res: dict[str, Any] = {"prediction": first.tolist(), "model": cur.manifest.id}
+        if rid is not None:
+            res["id"] = rid
         if cur.manifest.labels and first.ndim == 2 and first.shape[1] == len(cur.manifest.labels):
             res["label"] = [cur.manifest.labels[i] for i in first.argmax(1)]
         return _json(res)
+
+    def _feedback(self, req: Request, name: str) -> Response:
+        """``{"id": ID, "label": L}`` or ``{"id": ID, "labels": [L, ...]}`` (one per sample of the request; a
+        class index or a label name of the model): the ground truth for a request this agent answered."""
+        from agent.capture.feedback import parse_feedback
+
+        capture = self.agent.capture
+        if capture is None:
+            raise HTTPError(404, "feedback needs prediction capture: set [capture] enabled = true in agent.toml")
+        rid, labels = parse_feedback(v2.loads(self._decoded(req)))
+        rec = capture.recent(rid)
+        if rec is None or rec.model != name:
+            raise HTTPError(404, f"no recent request {rid!r} of model {name!r} on this agent (it remembers the last "
+                                 f"{capture.cfg.recent} requests)")
+        labels = _label_ids(labels, rec, self.agent.current)
+        capture.feedback(rid, rec, labels)
+        return _json({"id": rid, "model_name": rec.model, "model_version": str(rec.version), "labels": labels,
+                      "predicted": list(rec.predicted)})
 
     def _decoded(self, req: Request) -> bytes:
         """The body, inflated when the client compressed it (gzip/deflate), never beyond the body limit."""
@@ -141,6 +170,24 @@ def _check_model(cur: Loaded | None, name: str, version: str | None) -> Loaded:
     if version is not None and version != str(cur.manifest.version):
         raise HTTPError(404, f"model {name!r} version {version} is not loaded (serving {cur.manifest.version})")
     return cur
+
+
+def _label_ids(labels: list[int | str], rec: Any, cur: Loaded | None) -> list[int]:
+    """Class indices for ``labels`` (indices, or label names of the version that answered)."""
+    if len(labels) != len(rec.predicted):
+        raise HTTPError(400, f"labels: the request had {len(rec.predicted)} sample(s); give one label each")
+    names = cur.manifest.labels if cur is not None and cur.manifest.version == rec.version else ()
+    out = []
+    for i, x in enumerate(labels):
+        if isinstance(x, str):
+            if x not in names:
+                raise HTTPError(400, f"labels[{i}]: {x!r:.60} is not a label of this model"
+                                     + (f" ({', '.join(names[:20])})" if names else " (it has no label names)"))
+            x = names.index(x)
+        if not 0 <= x < rec.classes:
+            raise HTTPError(400, f"labels[{i}]: class {x} is out of range (the model has {rec.classes} classes)")
+        out.append(x)
+    return out
 
 
 def _json(doc: Any, status: int = 200) -> Response:

@@ -105,6 +105,7 @@ class Agent:
         self._install_lock = threading.Lock()
         self.drift_every = 0  # bin every Nth request's inputs for drift (0: off; telemetry turns it on)
         self._n = 0
+        self.capture: Any = None  # agent.capture.recorder.Capture when [capture] is on
 
     def start(self) -> Result | None:
         """Recover an interrupted update, sweep what killed writes left behind, then load the active model.
@@ -132,8 +133,10 @@ class Agent:
         """Run ``feed`` on the current model; ``sequence`` selects a stateful model's sequence."""
         return self.infer(feed, sequence)[1]
 
-    def infer(self, feed: Any, sequence: Sequence | None = None) -> tuple[Loaded, dict[str, np.ndarray]]:
-        """Like ``predict``, and says which loaded version answered."""
+    def infer(self, feed: Any, sequence: Sequence | None = None,
+              request_id: str | None = None) -> tuple[Loaded, dict[str, np.ndarray]]:
+        """Like ``predict``, and says which loaded version answered. ``request_id``: the id field labels
+        refer to (with capture on)."""
         cur = self._current  # one reference for the whole request: a swap cannot affect it
         if cur is None:
             raise NotReadyError("no model installed; install a bundle first")
@@ -156,6 +159,8 @@ class Agent:
             self._n += 1
             if self._n % self.drift_every == 0:
                 cur.drift.observe(arrays, out)
+        if self.capture is not None:
+            self.capture.offer(cur, arrays, out, request_id)
         return cur, out
 
     def installed_sha256(self) -> str | None:

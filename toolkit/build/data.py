@@ -1,7 +1,8 @@
 """Calibration, validation and training data: ``.npz`` files checked against the model's inputs.
 
 An npz holds one array per model input, keyed by input name (``x`` also works for a single input),
-and optionally labels under ``y``. Axis 0 counts samples, laid out as ``agent.layout`` says: batched
+and optionally labels under ``y``; an export of captured predictions (`edgeship capture export`) also
+carries its provenance (toolkit/capture/export.py), which the build signs into the manifest. Axis 0 counts samples, laid out as ``agent.layout`` says: batched
 along axis 0 for models whose inputs all have a leading batch axis, else N samples stacked on a new
 leading axis, each the input exactly as the model takes it. Everything is checked (keys, shapes,
 dtypes, whole numbers for integer inputs, finiteness) and refused with a message naming the file and
@@ -19,7 +20,7 @@ import numpy as np
 
 from agent.layout import BATCH, describe, layout_of, sample_shape
 from agent.runtime import cast_problem
-from toolkit.errors import InputError
+from toolkit.errors import InputError, ToolkitError
 from toolkit.build.ingest import IOSpec
 
 LABEL_KEYS = ("y", "labels")
@@ -32,6 +33,7 @@ class Dataset:
     inputs: list[np.ndarray]  # in model input order: float32 for float inputs, else the input's dtype
     labels: np.ndarray | None
     role: str = "validation"
+    captured: dict | None = None  # the provenance of captured field data (devices, versions, reasons...)
 
     @property
     def size(self) -> int:
@@ -90,7 +92,13 @@ def load_dataset(path: str | Path, specs: list[IOSpec], role: str) -> Dataset:
             raise InputError(f"{role} data {path}: labels 'y' must be integer class ids, one per "
                              f"sample ({inputs[0].shape[0]}); got shape {labels.shape} {labels.dtype}")
         labels = labels.reshape(-1).astype(np.int64)
-    return Dataset(path, hashlib.sha256(path.read_bytes()).hexdigest(), inputs, labels, role)
+    from toolkit.capture.export import read_provenance
+
+    try:
+        captured = read_provenance(arrays, f"{role} data {path}")
+    except ToolkitError as exc:
+        raise InputError(str(exc)) from exc
+    return Dataset(path, hashlib.sha256(path.read_bytes()).hexdigest(), inputs, labels, role, captured)
 
 
 def check_labels(data: Dataset, classes: int | None, output: str) -> None:

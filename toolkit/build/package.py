@@ -62,6 +62,32 @@ def input_stats(names: list[str], arrays: list[np.ndarray]) -> list[dict[str, An
     return out
 
 
+def synthetic_inputs(names: list[str], arrays: list[np.ndarray], stats: list[dict[str, Any]], count: int,
+                     seed: int = 0) -> list[np.ndarray]:
+    """``count`` samples shaped like ``arrays`` but made up: each float value drawn from the reference bins
+    of ``stats`` (a bin by its probability, then uniformly within it), integer inputs from the range the
+    data spans. The golden set of a build whose validation data is captured field data is made of these:
+    captured samples never enter a bundle."""
+    rng = np.random.default_rng(seed)
+    by_name = {s["name"]: s for s in stats}
+    out = []
+    for name, a in zip(names, arrays):
+        shape = (min(count, a.shape[0]), *a.shape[1:])
+        st = by_name.get(name) if a.dtype.kind == "f" else None
+        if st is not None:
+            q, p = st["deciles"], np.asarray(st["bins"]["p"], np.float64)
+            edges = [q[0], *st["bins"]["edges"], q[-1]]
+            k = rng.choice(len(p), size=shape, p=p / p.sum())
+            lo, hi = np.take(edges, k), np.take(edges, k + 1)
+            out.append((lo + rng.random(shape) * (hi - lo)).astype(a.dtype))
+        elif a.dtype.kind in "iub":
+            lo, hi = int(a.min()), int(a.max())
+            out.append(rng.integers(lo, hi + 1, size=shape).astype(a.dtype))
+        else:
+            out.append(rng.uniform(float(a.min()), float(a.max()), size=shape).astype(a.dtype))
+    return out
+
+
 def model_feed(model: Model, names: list[str], arrays: list[np.ndarray]) -> dict[str, np.ndarray] | list:
     """Source-ordered arrays as a feed for a variant: by name, or by position when the converter
     renamed the inputs."""
@@ -125,18 +151,20 @@ def _versions() -> dict[str, str]:
 def write(out: Path, *, name: str, version: int, profile: Profile, variant: VariantResult,
           key: SigningKey, input_names: list[str], val_inputs: list[np.ndarray], stats: list[dict[str, Any]],
           meta: dict[str, Any], provenance: dict[str, Any], golden_count: int = 8,
-          model_bytes: bytes | None = None, state: list[tuple[str, str]] = (),
-          output_names: list[str] = ()) -> Manifest:
+          model_bytes: bytes | None = None, golden_inputs: list[np.ndarray] | None = None,
+          state: list[tuple[str, str]] = (), output_names: list[str] = ()) -> Manifest:
     """``profile`` is the one-runtime view the variant was built for; ``val_inputs`` are in the
-    source model's input order (``input_names``); ``state`` pairs name the source's tensors
+    source model's input order (``input_names``); the golden set is made from ``golden_inputs`` when
+    given (instead of the first validation samples); ``state`` pairs name the source's tensors
     (``output_names`` is the source's output order, to find them in the variant)."""
     assert variant.file is not None
     model = load_model(variant.file, threads=min(profile.threads, os.cpu_count() or 1))
     feed = model_feed(model, input_names, val_inputs)
-    one = model.predict(_head(feed, 1))
+    gfeed = feed if golden_inputs is None else model_feed(model, input_names, golden_inputs)
+    one = model.predict(_head(gfeed, 1))
     per_sample = sum(a[:1].nbytes for a in val_inputs) + sum(o.nbytes for o in one.values())
     count = max(1, min(golden_count, GOLDEN_BUDGET // max(per_sample, 1)))  # image models: few samples
-    golden, atol = golden_set(model, feed, count, half=variant.precision == "fp16")
+    golden, atol = golden_set(model, gfeed, count, half=variant.precision == "fp16")
     model_file = "model" + FORMATS[profile.format]
     m = variant.metrics
     metrics = {k: (_g(v) if isinstance(v, float) else v) for k, v in m.items()

@@ -30,7 +30,7 @@ from toolkit.errors import BuildFailed, ConversionError, InputError
 from toolkit.build.gate import VariantResult, accuracy_only_failure, choose, evaluate, table
 from toolkit.build.ingest import SourceModel, load_source
 from toolkit.build.measure import LatencyConfig
-from toolkit.build.package import input_stats, npz_bytes, write
+from toolkit.build.package import input_stats, npz_bytes, synthetic_inputs, write
 from toolkit.profiles import Profile, Runtime
 from toolkit.registry import Registry
 from toolkit.signing import SigningKey
@@ -211,6 +211,14 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                   **({"training_sha256": train.sha256} if train else {}),
                   "fine_tuning": {"prune": opts.prune, "qat": opts.qat,
                                   "epochs": opts.epochs if (opts.prune or opts.qat) else 0}}
+    captured = {d.role: d.captured for d in (calib, val, train) if d is not None and d.captured}
+    if captured:  # field data: where it came from is signed into the manifest; the data itself never is
+        provenance["captured"] = captured
+        notes.append("captured field data in " + ", ".join(f"{role} ({c['samples']} samples from "
+                                                          f"{len(c['devices'])} device(s), v{'/v'.join(map(str, c['versions']))})"
+                                                          for role, c in captured.items()))
+    golden_inputs = (synthetic_inputs([s.name for s in source.inputs], val.inputs, stats, opts.golden_count)
+                     if val.captured else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     measured: dict = {}  # one measurement per (file, runtime), shared by the profiles
@@ -240,7 +248,7 @@ def build(opts: BuildOptions, progress: Progress = lambda _msg: None) -> BuildRe
                 version = _reserve(opts, name, version, profile.name)
                 _bundle(pr, opts, out_dir / f"{name}-v{version}-{profile.name}.bundle", work, name=name,
                         version=version, input_names=[s.name for s in source.inputs], val_inputs=val.inputs,
-                        stats=stats, provenance=provenance, state=state_pairs,
+                        golden_inputs=golden_inputs, stats=stats, provenance=provenance, state=state_pairs,
                         output_names=[s.name for s in source.outputs])
             results.append(pr)
     result = BuildResult(name, version, results, notes, provenance)

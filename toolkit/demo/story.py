@@ -2,7 +2,8 @@
 
 Trains the digits CNN (scikit-learn's digits ship with the package), builds it for three device
 profiles, verifies a bundle like a device would, then runs a local fleet (embedded broker, agent
-processes): canary rollout, inference over HTTP, telemetry, and a head-only v2 as a delta update.
+processes): canary rollout, inference over HTTP with field labels, telemetry, a head-only v2 as a delta
+update, and v3 calibrated on the low-confidence requests the agents captured.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ def run_demo(s: Settings, workdir: Path, quick: bool = False, echo: Callable[[st
     from toolkit.build.report import write_report
     from toolkit.signing import load_or_create
 
-    echo(f"1/7 training the digits example into {workdir}")
+    echo(f"1/8 training the digits example into {workdir}")
     paths = write_digits(workdir / "example")
     key = load_or_create(s.key_path)
     dirs = search_dirs(list(s.profiles_dirs))
     reg = Registry(s.registry_path)
-    echo(f"2/7 building for {', '.join(PROFILES)} (signing key {key.key_id})")
+    echo(f"2/8 building for {', '.join(PROFILES)} (signing key {key.key_id})")
     latency = LatencyConfig(runs=10, seconds=0.1, warmup_seconds=0.05) if quick else LatencyConfig()
 
     def options(model: Path, profiles: list[str], out: Path, registry: Registry) -> BuildOptions:
@@ -55,7 +56,7 @@ def run_demo(s: Settings, workdir: Path, quick: bool = False, echo: Callable[[st
     echo(result.table())
     chosen = result.profiles[0]
     assert chosen.bundle is not None
-    echo(f"3/7 verifying {chosen.bundle.name} as a device would (signature, hashes, golden set)")
+    echo(f"3/8 verifying {chosen.bundle.name} as a device would (signature, hashes, golden set)")
     with tempfile.TemporaryDirectory(prefix="edgeship-demo-") as tmp:
         folder = Path(tmp) / "b"
         manifest = extract_bundle(chosen.bundle, Keyring.load(s.keyring_path), folder)
@@ -83,6 +84,18 @@ def run_demo(s: Settings, workdir: Path, quick: bool = False, echo: Callable[[st
         assert res.profiles[0].bundle is not None
         return res.profiles[0].bundle
 
-    echo(f"4/7 starting a local fleet of {agents} devices")
-    fleet = run_fleet(workdir, s.keyring_path, s.registry_path, key, chosen.bundle, build_v2, x, y, echo, agents)
+    def build_v3(field_data: Path) -> Path:  # v2's model, calibrated on the captured field data
+        reg3 = Registry(s.registry_path)
+        try:
+            opts = options(workdir / "example-v2" / paths["model"].name, [PROFILES[0]], workdir / "dist-v3", reg3)
+            opts.calibration = field_data
+            res = build(opts, progress=lambda m: echo(f"    {m}"))
+        finally:
+            reg3.close()
+        assert res.profiles[0].bundle is not None
+        return res.profiles[0].bundle
+
+    echo(f"4/8 starting a local fleet of {agents} devices")
+    fleet = run_fleet(workdir, s.keyring_path, s.registry_path, key, chosen.bundle, build_v2, x, y, echo, agents,
+                      build_v3)
     return {"accuracy": acc, "bundles": [str(p.bundle) for p in result.profiles], "fleet": fleet}

@@ -1,8 +1,8 @@
 """The broker ACL of a fleet (Mosquitto ``acl_file`` syntax), written from the device inventory.
 
 Each device logs in with username = device id, which is also its client id (``use_username_as_clientid``).
-It may read its own and its group's desired state and its fleet's bundles, and write its own reported
-state, presence and telemetry — nothing of another fleet or group. Mosquitto's ``%u``/``%c`` patterns
+It may read its own and its group's desired state and capture requests and its fleet's bundles, and write
+its own reported state, presence, telemetry, captured predictions and field labels — nothing of another fleet or group. Mosquitto's ``%u``/``%c`` patterns
 can pin a topic level to the login but cannot know which fleet or group a device belongs to, so the
 host writes one ``user`` block per device. The host tools' user may read and write the fleet's topics.
 """
@@ -21,9 +21,11 @@ _LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one topic level: n
 
 def device_block(fleet: str, device: str, group: str = "") -> list[str]:
     lines = [f"user {device}", f"topic read {device_topic(fleet, device, 'desired')}"]
-    lines += [f"topic write {device_topic(fleet, device, kind)}" for kind in ("reported", "presence", "telemetry")]
+    lines += [f"topic write {device_topic(fleet, device, kind)}"
+              for kind in ("reported", "presence", "telemetry", "capture", "label")]
+    lines.append(f"topic read {device_topic(fleet, device, 'capture_request')}")
     if group:
-        lines.append(f"topic read {group_topic(fleet, group)}")
+        lines += [f"topic read {group_topic(fleet, group)}", f"topic read {group_topic(fleet, group, 'capture_request')}"]
     lines.append(f"topic read {bundle_topic(fleet, '#')}")
     return lines
 

@@ -1,4 +1,7 @@
-"""`edgeship fleet collect`: telemetry and device state from the broker into SQLite (WAL).
+"""`edgeship fleet collect`: telemetry, device state, captured predictions and field labels from the
+broker into SQLite (WAL). Capture is folded in here rather than in a command of its own: one persistent
+MQTT session per collector queues everything while it is down, one retention loop prunes it, and live
+accuracy joins labels with the telemetry of the same versions in one database (toolkit/capture/store.py).
 
 paho's network thread only enqueues; one writer thread parses and inserts in batches (one
 transaction per batch). Telemetry is keyed by (device, seq), so a record the device re-sent after
@@ -20,6 +23,7 @@ from typing import Any
 from agent.errors import ProtocolError
 from agent.fleet.mqtt import Broker, connect_blocking, make_client
 from agent.fleet.protocol import PREFIX, parse_device_topic, parse_presence, parse_reported, parse_telemetry
+from toolkit.capture import store as capture_store
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
@@ -56,10 +60,23 @@ def open_db(path: Path, must_exist: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
+        db.executescript(capture_store.SCHEMA)
     except (sqlite3.Error, OSError) as exc:
         raise ToolkitError(f"{path}: cannot open the fleet database ({exc})") from exc
     db.row_factory = sqlite3.Row
     return db
+
+
+KINDS = ("telemetry", "reported", "presence", "capture", "label")
+
+
+def parse_many(fleet: str, topic: str, payload: bytes, now: float | None = None) -> list[tuple[str, tuple]]:
+    """The stored rows for one message (a capture message holds several records). ProtocolError if malformed."""
+    where = parse_device_topic(fleet, topic, KINDS)
+    if where is not None and where[1] in ("capture", "label") and payload:
+        return capture_store.parse_rows(where[1], where[0], topic, payload, time.time() if now is None else now)
+    row = parse(fleet, topic, payload, now)
+    return [row] if row else []
 
 
 def parse(fleet: str, topic: str, payload: bytes, now: float | None = None) -> tuple[str, tuple] | None:
@@ -100,17 +117,20 @@ SQL = {
                 "model=excluded.model, version=excluded.version, status=excluded.status, error=excluded.error, "
                 "installed_sha256=excluded.installed_sha256, reported_t=excluded.reported_t, "
                 "last_seen=MAX(COALESCE(last_seen, 0), excluded.last_seen)",
+    **capture_store.SQL,
 }
 
 
 class Collector:
     def __init__(self, broker: Broker, fleet: str, db_path: Path, share: str | None = None,
-                 client_id: str | None = None, retention_days: float = 30.0):
+                 client_id: str | None = None, retention_days: float = 30.0, capture_retention_days: float = 30.0):
         """With a ``client_id`` the session is persistent: the broker queues telemetry while the collector
         is down or reconnecting (give each collector process its own id). Telemetry older than
-        ``retention_days`` is deleted as the collector runs."""
+        ``retention_days``, captured predictions and labels older than ``capture_retention_days`` are deleted
+        as the collector runs."""
         self.broker, self.fleet, self.db_path, self.share = broker, fleet, db_path, share
         self.retention_s, self._pruned = retention_days * 86400, 0.0
+        self.capture_retention_s = capture_retention_days * 86400
         self.db = open_db(db_path)
         self.q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.received = self.stored = self.rejected = 0
@@ -147,8 +167,9 @@ class Collector:
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
         base = f"{PREFIX}/{self.fleet}/device/+"
         tele = f"{base}/telemetry"
-        client.subscribe([(f"$share/{self.share}/{tele}" if self.share else tele, 1), (f"{base}/reported", 1),
-                          (f"{base}/presence", 1)])
+        shared = [tele, f"{base}/capture", f"{base}/label"]
+        client.subscribe([*((f"$share/{self.share}/{t}" if self.share else t, 1) for t in shared),
+                          (f"{base}/reported", 1), (f"{base}/presence", 1)])
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.received += 1
@@ -170,11 +191,11 @@ class Collector:
                     continue
                 topic, payload = item
                 try:
-                    row = parse(self.fleet, topic, payload)
+                    found = parse_many(self.fleet, topic, payload)
                 except ProtocolError as exc:
-                    row = ("rejected", (time.time(), topic[:200], f"{type(exc).__name__}: {exc}"[:300]))
-                if row is not None:
-                    rows.setdefault(row[0], []).append(row[1])
+                    found = [("rejected", (time.time(), topic[:200], f"{type(exc).__name__}: {exc}"[:300]))]
+                for kind, values in found:
+                    rows.setdefault(kind, []).append(values)
             try:
                 with self.db:
                     for kind, values in rows.items():
@@ -183,7 +204,13 @@ class Collector:
                             log.warning("rejected %d malformed message(s), e.g. %s: %s", len(values), *values[0][1:])
                         else:
                             self.db.executemany(SQL[kind], values)
-                self.stored += sum(len(v) for k, v in rows.items() if k != "rejected")
+                    if "capture_part" in rows:
+                        bad = capture_store.join_parts(self.db)
+                        if bad:
+                            self.db.executemany("INSERT INTO rejected VALUES (?,?,?)",
+                                                [(time.time(), w[:200], r[:300]) for w, r in bad])
+                            self.rejected += len(bad)
+                self.stored += sum(len(v) for k, v in rows.items() if k != "rejected" and not k.endswith("_counts"))
                 self.rejected += len(rows.get("rejected", []))
             except (sqlite3.Error, OverflowError, ValueError):  # a value SQLite cannot bind: go one by one
                 self._write_one_by_one(rows)
@@ -196,6 +223,7 @@ class Collector:
         try:
             with self.db:
                 self.db.execute("DELETE FROM telemetry WHERE t < ?", (time.time() - self.retention_s,))
+                capture_store.prune(self.db, self.capture_retention_s)
                 self.db.execute("DELETE FROM rejected WHERE rowid <= (SELECT MAX(rowid) FROM rejected) - ?",
                                 (MAX_REJECTED_ROWS,))
         except sqlite3.Error as exc:

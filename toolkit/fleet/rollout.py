@@ -24,7 +24,7 @@ from typing import Any, Callable
 from agent.fleet.mqtt import Broker
 from toolkit.errors import ToolkitError
 from toolkit.fleet.publish import Publisher
-from toolkit.fleet.stats import Stats, class_shift, query
+from toolkit.fleet.stats import Stats, class_shift, labels, query
 from toolkit.fleet.watcher import FleetWatcher, devices
 from toolkit.units import fmt_ms
 
@@ -42,6 +42,8 @@ class Thresholds:
     max_p95_increase: float = 0.25  # p95 latency, relative (0.25 = 25% slower)
     max_class_psi: float = 0.25  # PSI between the wave's and the control's predicted-class distributions
     max_input_psi_increase: float = 0.25  # the wave's input PSI (vs its reference) minus the control's
+    max_accuracy_drop: float = 0.05  # live accuracy (field labels), absolute: the control's minus the wave's
+    min_labels: int = 50  # labelled samples needed on each side before live accuracy is compared
 
 
 SCHEMA = """
@@ -295,6 +297,18 @@ def health_verdict(db: sqlite3.Connection, wave: list[str], model: str, group: s
                 f"control's (PSI {old_in:.3f})"), summary
     if shift is None:
         summary += f" (fewer than {MIN_PREDICTIONS} predictions on a side: no class-distribution verdict)"
+    new_l = labels(db, f"model = ? AND version = ? AND device IN ({q}) AND received >= ? AND received <= ?",
+                   [model, version, *wave, since, until])
+    old_l = labels(db, f"model = ? AND version IN ({v}) AND device IN (SELECT DISTINCT device FROM telemetry WHERE "
+                       f"grp = ?) AND received >= ? AND received <= ?",
+                   [model, *old_versions, group, started - BASELINE_WINDOW, until])
+    summary += f"; live accuracy {_num(new_l.accuracy)} ({new_l.samples} labels) vs {_num(old_l.accuracy)} " \
+               f"({old_l.samples} labels)"
+    if min(new_l.samples, old_l.samples) < th.min_labels:
+        return "", summary + f" (fewer than {th.min_labels} labels on a side: no accuracy verdict)"
+    if (old_l.accuracy or 0) - (new_l.accuracy or 0) > th.max_accuracy_drop:
+        return (f"live accuracy {new_l.accuracy:.2%} vs {old_l.accuracy:.2%} on the control (field labels, "
+                f"{new_l.samples} and {old_l.samples})"), summary
     return "", summary
 
 

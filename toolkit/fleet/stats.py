@@ -28,6 +28,7 @@ class Stats:
     max_psi: float | None = None  # highest drift score of the set
     classes: dict[str, np.ndarray] = field(default_factory=dict)  # output -> predicted-class counts
     inputs: dict[tuple[str, tuple[float, ...]], np.ndarray] = field(default_factory=dict)  # (input, ref) -> counts
+    confidence: dict[str, np.ndarray] = field(default_factory=dict)  # output -> top-1 probability histogram
 
     @property
     def error_rate(self) -> float | None:
@@ -60,6 +61,8 @@ class Stats:
         for y in drift.get("outputs") or []:
             if y.get("counts"):
                 _merge(self.classes, y["name"], y["counts"])
+            if y.get("confidence"):
+                _merge(self.confidence, y["name"], y["confidence"])
         for x in drift.get("inputs") or []:
             if x.get("counts") and x.get("ref_p"):
                 _merge(self.inputs, (x["name"], tuple(x["ref_p"])), x["counts"])
@@ -106,3 +109,22 @@ def class_shift(wave: Stats, control: Stats, min_predictions: int) -> tuple[floa
             worst, name = score, out
     return worst, name
 
+
+
+@dataclass
+class Labels:
+    """Field labels of a set of requests: how many samples were labelled and how many were predicted right."""
+
+    samples: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.samples if self.samples else None
+
+
+def labels(db: sqlite3.Connection, where: str, args: list[Any]) -> Labels:
+    """Labels over the rows of the ``labels`` table matching ``where``."""
+    n, c = db.execute(f"SELECT COALESCE(SUM(n), 0), COALESCE(SUM(correct), 0) FROM labels WHERE {where}",
+                      args).fetchone()
+    return Labels(int(n), int(c))

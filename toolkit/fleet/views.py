@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.store import atomic_write
 from toolkit.fleet.collector import open_db
-from toolkit.fleet.stats import query
+from toolkit.fleet.stats import labels, query
 from toolkit.units import fmt_ms
 
 HEARTBEAT_MISSES = 3  # a device is offline after this many missed heartbeats
@@ -50,6 +50,52 @@ def status(db: sqlite3.Connection, window: float = 300, now: float | None = None
     return out
 
 
+def versions(db: sqlite3.Connection, window: float = 300, now: float | None = None) -> list[dict[str, Any]]:
+    """One row per model version seen in the last ``window`` seconds: devices, requests, live accuracy from
+    the field labels received in the window (samples labelled, accuracy), the confidence histogram (top-1
+    probability in tenths) and predicted-class distribution of its classifier output, captured records."""
+    now = now or time.time()
+    since = now - window
+    keys = {(r[0], r[1]) for r in db.execute("SELECT DISTINCT model, version FROM telemetry WHERE t >= ? AND "
+                                             "model IS NOT NULL AND version IS NOT NULL", (since,))}
+    keys |= {(r[0], r[1]) for r in db.execute("SELECT DISTINCT model, version FROM labels WHERE received >= ?",
+                                              (since,))}
+    out = []
+    for model, version in sorted(keys):
+        s = query(db, "model = ? AND version = ? AND t >= ?", [model, version, since])
+        lab = labels(db, "model = ? AND version = ? AND received >= ?", [model, version, since])
+        devices = db.execute("SELECT COUNT(DISTINCT device) FROM telemetry WHERE model = ? AND version = ? AND t >= ?",
+                             (model, version, since)).fetchone()[0]
+        captured = db.execute("SELECT COUNT(*) FROM captures WHERE model = ? AND version = ? AND received >= ?",
+                              (model, version, since)).fetchone()[0]
+        output = next(iter(s.classes), None)
+        out.append({"model": model, "version": version, "devices": devices, "requests": s.requests,
+                    "labelled": lab.samples, "accuracy": lab.accuracy, "captured": captured, "output": output,
+                    "confidence": [int(x) for x in s.confidence.get(output, [])] if output else [],
+                    "classes": [int(x) for x in s.classes[output]] if output else [], "window_s": window})
+    return out
+
+
+def version_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'model':<16} {'devices':>7} {'requests':>8} {'labelled':>8} {'live acc':>8} {'captured':>8}  "
+            "confidence (top-1, tenths)   predicted classes")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        lines.append(f"{r['model'] + '@' + str(r['version']):<16} {r['devices']:>7} {r['requests']:>8} "
+                     f"{r['labelled']:>8} {acc:>8} {r['captured']:>8}  {_bars(r['confidence']):<28} "
+                     f"{_bars(r['classes'])}")
+    return "\n".join(lines)
+
+
+def _bars(counts: list[int]) -> str:
+    """A histogram as one line of block characters (empty: -)."""
+    if not counts or not sum(counts):
+        return "-"
+    top = max(counts)
+    return "".join(" ▁▂▃▄▅▆▇█"[round(8 * c / top)] for c in counts)
+
+
 def _drift(r: dict[str, Any]) -> str:
     return "-" if r["max_psi"] is None else f"{'YES' if r['drift'] else 'no'} {r['max_psi']:.2f}"
 
@@ -79,6 +125,7 @@ def write_report(db_path: Path, out: Path, window: float = 3600, now: float | No
     db = open_db(db_path, must_exist=True)
     try:
         rows = status(db, window, now)
+        vrows = versions(db, window, now)
         tele = db.execute("SELECT device, t, model, version, count, errors, doc, max_psi, drift_flag "
                           "FROM telemetry WHERE t >= ? ORDER BY t", (now - window,)).fetchall()
     finally:
@@ -105,12 +152,31 @@ def write_report(db_path: Path, out: Path, window: float = 3600, now: float | No
                      f"<td class={'bad' if r['drift'] else 'n'}>{e(_drift(r))}</td><td class=n>{r['dropped']}</td>"
                      "</tr>")
     parts.append("</table>")
+    parts.append(_version_html(vrows))
     if tele:
         parts.append(_img(plots(tele)))
     else:
         parts.append("<p>No telemetry in this window.</p>")
     atomic_write(out, "\n".join(parts).encode(), public=True)
     return out
+
+
+def _version_html(rows: list[dict[str, Any]]) -> str:
+    """Per version: live accuracy from field labels, confidence histogram, predicted-class distribution."""
+    e = html.escape
+    out = ["<h2>Per version</h2><p>Live accuracy comes from field labels (POST .../feedback on the devices) "
+           "received in the window; confidence is the top-1 probability of the classifier output in tenths "
+           "(0-0.1 ... 0.9-1); predicted classes as counted on the devices.</p>",
+           "<table><tr><th>model</th><th>devices</th><th>requests</th><th>labelled samples</th><th>live accuracy</th>"
+           "<th>captured</th><th>confidence histogram</th><th>predicted classes</th></tr>"]
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.2%}"
+        out.append(f"<tr><td>{e(r['model'])}@{r['version']}</td><td class=n>{r['devices']}</td>"
+                   f"<td class=n>{r['requests']}</td><td class=n>{r['labelled']}</td><td class=n>{acc}</td>"
+                   f"<td class=n>{r['captured']}</td><td title='{e(str(r['confidence']))}'>{e(_bars(r['confidence']))}"
+                   f"</td><td title='{e(str(r['classes']))}'>{e(_bars(r['classes']))}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
 
 
 def _img(fig: Any) -> str:
