@@ -18,6 +18,7 @@ import click
 from agent.errors import AgentError
 from toolkit.cli_fleet import emit_json as _emit
 from toolkit.cli_fleet import register
+from toolkit.cli_security import register as register_security
 from toolkit.errors import ToolkitError
 from toolkit.settings import Settings
 
@@ -437,6 +438,7 @@ def demo(s: Settings, workdir: Path | None, quick: bool) -> None:
 
 
 register(cli)  # publish, broker, rollout, fleet
+register_security(cli)  # device, ca, keys root-init/sign-keyring/publish-keyring/rotate/revoke/list
 
 
 def main() -> None:
