@@ -72,15 +72,16 @@ def shipped_conf(ports: list[int], paths: dict[str, list[Path | str]], conf: Pat
 class Mosquitto:
     def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None,
                  acl_file: Path | None = None, host_users: dict[str, str] | None = None, extra: str = "",
-                 certs: Path | None = None):
+                 certs: Path | None = None, passwd_lines: str = ""):
         """``users``: serve MQTT over TLS (a throw-away CA, ``ca_file``) with these usernames/passwords only;
         ``acl_file``: and enforce this ACL. ``host_users``: run deploy/mosquitto/edgeship-passwords.conf as
         shipped (only ports and paths replaced): ``users`` log in on ``url`` (devices), ``host_users`` on
         ``host_url``. ``certs``: run deploy/mosquitto/edgeship.conf (mutual TLS) as shipped, with the files
         `edgeship ca server-cert -o FOLDER` wrote (ca.pem, server.pem, server.key, crl.pem) and ``acl_file``.
+        ``passwd_lines``: hashed lines (mosquitto_passwd format) added to the devices' password file.
         ``extra``: configuration lines appended."""
         self.folder, self.port, self.users, self.acl_file = folder, port or free_port(), users, acl_file
-        self.host_users, self.extra, self.certs = host_users, extra, certs
+        self.host_users, self.extra, self.certs, self.passwd_lines = host_users, extra, certs, passwd_lines
         self.host_port = free_port() if host_users or certs else None
         self.proc: subprocess.Popen | None = None
         self.ca_file: Path | None = None
@@ -107,6 +108,8 @@ class Mosquitto:
                 make_ca_and_server_cert(self.folder)
             self.ca_file = ca
             pw, host_pw = self._passwd("passwd", self.users), self._passwd("host.passwd", self.host_users or {})
+            with open(pw, "a") as fh:
+                fh.write(self.passwd_lines)
             text += (f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\nallow_anonymous false\n"
                      f"password_file {pw}\n")
             if self.acl_file:

@@ -75,7 +75,12 @@ def test_rotate_roll_out_revoke_and_refuse_the_old_key(tmp_path, fleet, fleet_bu
         res = edgeship(sec.home, "fleet", "refresh", "--all", "--json", *conn)  # every state now signed by k2
         assert {r["action"] for r in json.loads(res.output)} == {"renewed"}, res.output
 
-        edgeship(sec.home, "keys", "revoke", k1, "--root-key", sec.root_key, *conn)
+        # revoking with the root key offline: a request here, signed there, published here
+        edgeship(sec.home, "keys", "revoke", k1, *conn)
+        signed = tmp_path / "carried-back.json"
+        edgeship(sec.root_dir, "keys", "sign-keyring", sec.home / "keys" / "keyring-request.json", "--root-key",
+                 sec.root_key, "-o", signed)
+        edgeship(sec.home, "keys", "publish-keyring", signed, *conn)
         assert wait_for(lambda: all(_keyring_version(state[d]) == 3 for d in DEVICES), 30), logs()
         for d in DEVICES:
             assert "error" not in reports()[d] or not reports()[d]["error"], reports()[d]  # renewed states pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,40 @@ def test_revoked_device_cannot_connect_and_loses_its_open_connection(fleet):
     assert rows["pi-b"]["revoked"] and not rows["pi-a"]["revoked"]
     for c in (open_conn, peer, host):
         c.stop()
+
+
+def test_password_enrollment_for_brokers_without_client_certificates(tmp_path, fleet):
+    """`enroll --password`: the password only in the device folder (0600, read through password_file), its
+    mosquitto_passwd hash for the broker, which Mosquitto (edgeship-passwords.conf as shipped) accepts."""
+    import tempfile
+
+    from agent.config import load_config
+    from mosquitto import Mosquitto
+
+    sec, _ = fleet
+    res = edgeship(sec.home, "device", "enroll", "pi-pw", "--group", "g1", "--fleet", FLEET, "--broker",
+                   "mqtts://127.0.0.1:8883", "--password", "-o", sec.devices / "pi-pw")
+    folder = sec.devices / "pi-pw"
+    secret = (folder / "mqtt.password").read_text().strip()
+    assert stat.S_IMODE((folder / "mqtt.password").stat().st_mode) == 0o600 and len(secret) >= 32
+    assert secret not in res.output and secret not in (folder / "agent.toml").read_text()
+    cfg = load_config(folder / "agent.toml", env={})
+    assert (cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_cert_file) == ("pi-pw", secret, None)
+    lines = (sec.home / "ca" / "mosquitto.passwd").read_text()
+    assert lines.startswith("pi-pw:$7$") and secret not in lines
+    m = Mosquitto(Path(tempfile.mkdtemp(prefix="edgeship-mosq-pw-")), users={"other": "x"}, acl_file=sec.acl(),
+                  host_users={"edgeship-host": "h0st"}, passwd_lines=lines).start()
+    try:
+        ok = Broker.parse(m.url, "pi-pw", secret, str(m.ca_file))
+        c = make_client("pi-pw", ok)
+        connect_blocking(c, ok)
+        c.disconnect()
+        c.loop_stop()
+        bad = Broker.parse(m.url, "pi-pw", secret[:-1], str(m.ca_file))
+        with pytest.raises(AgentError, match="refused"):
+            connect_blocking(make_client("pi-pw", bad), bad)
+    finally:
+        m.stop()
+        shutil.rmtree(m.folder, ignore_errors=True)
+    edgeship(sec.home, "device", "revoke", "pi-pw")
+    assert "pi-pw" not in (sec.home / "ca" / "mosquitto.passwd").read_text()

@@ -217,13 +217,13 @@ def _publish(payload: bytes, conn: Any, fleet: str, path: Path) -> None:
 
 @click.command("sign-keyring")
 @click.argument("request", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
-@click.option("--root-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="The root private key (root.pem).")
+@click.option("--root-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The root private key (root.pem); without it, the request is written to sign where it is.")
 @_expires
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               show_default="install it in HOME/keys/keyring.json", help="Write the signed keyring here instead.")
 @click.pass_obj
-def keys_sign_keyring(s: Settings, request: Path | None, root_key: Path, expires_days: float,
+def keys_sign_keyring(s: Settings, request: Path | None, root_key: Path | None, expires_days: float,
                       out: Path | None) -> None:
     """Sign a keyring REQUEST with the root key (without REQUEST: the next version of this host's keyring,
     e.g. the first one, or the same keys with a later expiry)."""
@@ -232,6 +232,8 @@ def keys_sign_keyring(s: Settings, request: Path | None, root_key: Path, expires
     from toolkit.signing import load_key
 
     req = kr.load_request(request) if request else kr.request(s, expires_days=expires_days)
+    if root_key is None:
+        return _finish(s, req, None, False, None, "")
     payload = kr.sign(req, load_key(root_key))
     if out is not None:
         atomic_write(out, payload, public=True)
