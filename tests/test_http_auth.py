@@ -17,7 +17,6 @@ from agent.serve.service import Agent
 from conftest import DEVICE_ARCH, device_bundle
 from mosquitto import make_ca_and_server_cert
 
-pytestmark = pytest.mark.device
 TOKEN = "t0ken-" + "x" * 32
 
 

@@ -18,7 +18,6 @@ from fleethelp import Watcher, needs_mosquitto, start_agent
 from securityhelp import SecureHome, edgeship
 from toolkit.fleet.sealing import seal_bundle
 
-pytestmark = pytest.mark.device
 WIRE_RATIO = 2.0  # an encrypted head-only update may cost at most this many times the unencrypted delta
 
 
@@ -57,6 +56,8 @@ def test_only_the_group_opens_it_and_the_model_is_clear_only_in_the_slot(tmp_pat
     data = sealed_v1.path.read_bytes()
     for name in (model, "golden.npz"):  # no 64-byte stretch of the model or golden set is in the sealed file
         assert all(plain[name][i:i + 64] not in data for i in range(0, len(plain[name]) - 64, 4096)), name
+    assert "encrypted for 2 device(s)" in edgeship(sec.home, "bundle", "verify", sealed_v1.path).output
+    assert "are ciphertext" in edgeship(sec.home, "bundle", "inspect", sealed_v1.path).output
     inside = Agent(tmp_path / "in", keyring, DEVICE_ARCH, opener=_opener(sec, "pi-s1"))
     inside.start()
     res = inside.install(sealed_v1.path)

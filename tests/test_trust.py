@@ -21,7 +21,6 @@ from agent.trust import Trust, load_trust
 from fleethelp import Watcher, needs_mosquitto, start_agent
 from toolkit.signing import generate_key
 
-pytestmark = pytest.mark.device
 
 
 @pytest.fixture()

@@ -107,7 +107,9 @@ class FleetCA:
                 .serial_number(x509.random_serial_number()).not_valid_before(now - _days(1))
                 .not_valid_after(now + _days(CA_DAYS))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .sign(key, hashes.SHA256()))
         write_private(self.folder / "ca.key", key.private_bytes(
@@ -131,12 +133,15 @@ class FleetCA:
              .public_key(key.public_key()).serial_number(serial).not_valid_before(now - _days(1))
              .not_valid_after(now + _days(days))
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
              .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False))
         if kind == "server":
             try:
-                alt = [x509.DNSName(d) for d in (dns or (name,))] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+                alt = ([x509.DNSName(d) for d in (dns or (name,))]
+                       + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips])
             except ValueError as exc:
                 raise IdentityError(f"server certificate {name}: {exc}") from exc
             b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)

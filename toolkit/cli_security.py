@@ -82,8 +82,9 @@ def device_revoke(s: Settings, name: str) -> None:
         row = ca.revoke(name)
     finally:
         ca.close()
+    passwd = f" and {ca.passwd_path} as its password_file" if row["auth"] == "password" else ""
     click.echo(f"revoked {name} ({row['kind']}, {row['auth']}). On the broker: install {ca.crl_path} as its "
-               f"crlfile{' and ' + str(ca.passwd_path) + ' as its password_file' if row['auth'] == 'password' else ''}, "
+               f"crlfile{passwd}, "
                f"write the ACL without {name} (edgeship fleet acl --enrolled), then `systemctl reload mosquitto`: "
                f"its new connections are refused, and its open one can no longer read or write a topic. "
                f"(docs/security.md)")
@@ -311,8 +312,10 @@ def keys_list(s: Settings, as_json: bool) -> None:
                        "expires": cur[0].expires} if cur else None}
     if as_json:
         return emit_json(doc)
-    click.echo(f"signing key  {doc['signing'] or '-'}" + (f"\nnext         {', '.join(doc['next'])}" if doc["next"] else "")
-               + (f"\nretired      {', '.join(doc['retired'])}" if doc["retired"] else ""))
+    click.echo(f"signing key  {doc['signing'] or '-'}")
+    for what in ("next", "retired"):
+        if doc[what]:
+            click.echo(f"{what:<12} {', '.join(doc[what])}")
     click.echo(f"root key     {doc['root'] or '- (no root: devices get a plain keyring)'}")
     click.echo(kr.describe(cur[0]) if cur else "keyring      - (edgeship keys sign-keyring --root-key root.pem)")
 
