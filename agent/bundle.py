@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.errors import BundleError, SignatureError
+from agent.errors import BundleError, SealError, SignatureError
 from agent.keys import Keyring
-from agent.manifest import SCHEMA_VERSION, Manifest, _NAME, canonical_json, parse_manifest
+from agent.manifest import SCHEMA_VERSION, SEALED_SCHEMA, Manifest, _NAME, canonical_json, parse_manifest
 from agent.store import atomic_write, fsync_dir
 
 MANIFEST = "manifest.json"
@@ -53,7 +53,7 @@ def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, by
                  signer: Callable[[bytes], bytes], key_id: str) -> Manifest:
     """Write a signed, reproducible bundle atomically. Fills in schema, key id and file hashes."""
     doc = dict(manifest)
-    doc["schema"] = SCHEMA_VERSION
+    doc["schema"] = SEALED_SCHEMA if "encryption" in doc else SCHEMA_VERSION
     doc["key_id"] = key_id
     doc["files"] = [{"path": n, "sha256": hashlib.sha256(b).hexdigest(), "size": len(b)}
                     for n, b in sorted(files.items())]
@@ -61,15 +61,19 @@ def write_bundle(path: str | Path, manifest: dict[str, Any], files: dict[str, by
     body = canonical_json(doc)
     sig = json.dumps({"algorithm": "ed25519", "key_id": key_id,
                       "signature": base64.b64encode(signer(body)).decode()}, sort_keys=True).encode()
-    entries = [(MANIFEST, body), (SIGNATURE, sig)] + sorted(files.items())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, pack(body, sig, files), public=True)  # a bundle is signed (and, sealed, encrypted)
+    return parsed
+
+
+def pack(manifest: bytes, signature: bytes, files: dict[str, bytes]) -> bytes:
+    """The canonical tar of a bundle: manifest, signature, then the files sorted by name."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in entries:
+        for name, data in [(MANIFEST, manifest), (SIGNATURE, signature)] + sorted(files.items()):
             tar.addfile(_canonical_info(name, len(data)), io.BytesIO(data))
-    atomic_write(path, buf.getvalue(), public=True)  # a bundle is signed, not secret
-    return parsed
+    return buf.getvalue()
 
 
 def read_signature(raw: bytes, where: str) -> tuple[str, bytes]:
@@ -90,11 +94,13 @@ def verify_bundle(path: str | Path, keyring: Keyring, limits: Limits = Limits())
 
 
 def extract_bundle(path: str | Path, keyring: Keyring, dest: str | Path,
-                   limits: Limits = Limits()) -> Manifest:
+                   limits: Limits = Limits(), opener: Any = None) -> Manifest:
     """Verify a bundle and extract its files into ``dest``, which must not exist yet.
 
-    Files go to a temporary folder beside ``dest`` and are renamed into place only after every
-    check passed, so a refused bundle leaves nothing behind.
+    Files go to a temporary folder beside ``dest`` (0600 files in a 0700 folder) and are renamed into place
+    only after every check passed, so a refused bundle leaves nothing behind. A sealed bundle is decrypted
+    there with ``opener`` (agent.seal.Opener, the device's model key) after its signature and every
+    ciphertext hash were checked.
     """
     dest = Path(dest)
     if dest.exists():
@@ -103,6 +109,11 @@ def extract_bundle(path: str | Path, keyring: Keyring, dest: str | Path,
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         manifest = _scan(Path(path), keyring, limits, tmp)
+        if manifest.data.get("encryption") is not None:
+            if opener is None:
+                raise SealError(f"{path}: {manifest.id} is encrypted and this device has no model key "
+                                f"(model_key in agent.toml, from `edgeship device enroll`)")
+            opener.open_folder(tmp, manifest, str(path))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -160,7 +171,7 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
                 src = tar.extractfile(member)
                 assert src is not None
                 digest, size = hashlib.sha256(), 0
-                out = open(sink / member.name, "xb") if sink is not None else None
+                out = _create(sink / member.name) if sink is not None else None
                 try:
                     buf = bytearray() if member.name in (MANIFEST, SIGNATURE) else None
                     while chunk := src.read(_CHUNK):
@@ -203,6 +214,11 @@ def _scan(path: Path, keyring: Keyring, limits: Limits, sink: Path | None) -> Ma
             raise BundleError(f"{path}:{f.path}: hash or size mismatch (expected {f.size} bytes "
                               f"sha256 {f.sha256[:12]}…, got {size} bytes sha256 {sha[:12]}…)")
     return manifest
+
+
+def _create(path: Path) -> Any:
+    """A new file only the agent's user can read (a slot holds the model: it may be a secret)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
 
 
 def _canonical_info(name: str, size: int) -> tarfile.TarInfo:

@@ -35,35 +35,53 @@ def cli() -> None:
     """edgeship-agent: verify and run edgeship bundles on a device."""
 
 
-def _open(bundle: Path, keyring: Path, folder: Path):
+def _open(bundle: Path, keyring: Path, folder: Path, root_key: Path | None, model_key: Path | None):
     from agent.bundle import extract_bundle
     from agent.golden import replay
-    from agent.keys import Keyring
     from agent.runtime import load_model
+    from agent.seal import load_opener
+    from agent.trust import load_trust
 
-    manifest = extract_bundle(bundle, Keyring.load(keyring), folder)
+    manifest = extract_bundle(bundle, load_trust(keyring, root_key), folder, opener=load_opener(model_key))
     model = load_model(folder / manifest.model_file, threads=manifest.threads)
     return manifest, model, replay(model, manifest, folder)
 
 
+_KEYRING_HELP = "Trusted .pub file or folder of them; with --root-key, the root-signed keyring.json."
+_trust_opts = [
+    click.option("--root-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 envvar="EDGESHIP_AGENT_ROOT_KEY", show_envvar=True,
+                 help="The fleet's root public key: the keyring is a document it signed (docs/security.md)."),
+    click.option("--model-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 envvar="EDGESHIP_AGENT_MODEL_KEY", show_envvar=True,
+                 help="This device's model key (from `edgeship device enroll`): opens encrypted bundles."),
+]
+
+
+def trust_options(fn: Any) -> Any:
+    for opt in reversed(_trust_opts):
+        fn = opt(fn)
+    return fn
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Trusted .pub file or folder of them.")
-def verify(bundle: Path, keyring: Path) -> None:
+@click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path), help=_KEYRING_HELP)
+@trust_options
+def verify(bundle: Path, keyring: Path, root_key: Path | None, model_key: Path | None) -> None:
     """Check signature and hashes, load the model and replay its golden set."""
     with tempfile.TemporaryDirectory(prefix="edgeship-agent-") as tmp:
-        m, model, worst = _open(bundle, keyring, Path(tmp) / "b")
+        m, model, worst = _open(bundle, keyring, Path(tmp) / "b", root_key, model_key)
     click.echo(f"OK {m.id} {m.format}/{m.precision} in {model.runtime}; golden max |error| {worst:.3g}")
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Trusted .pub file or folder of them.")
+@click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path), help=_KEYRING_HELP)
+@trust_options
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npy array, .npz keyed by input name, or .json (list or {name: list}).")
-def predict(bundle: Path, keyring: Path, input_path: Path) -> None:
+def predict(bundle: Path, keyring: Path, root_key: Path | None, model_key: Path | None, input_path: Path) -> None:
     """Run BUNDLE's model on an input file; prints JSON outputs (and top-1 label when labelled)."""
     if input_path.suffix == ".npy":
         feed: Any = np.load(input_path, allow_pickle=False)
@@ -76,7 +94,7 @@ def predict(bundle: Path, keyring: Path, input_path: Path) -> None:
         except ValueError as exc:
             raise InputError(f"{input_path}: not valid JSON ({exc})") from exc
     with tempfile.TemporaryDirectory(prefix="edgeship-agent-") as tmp:
-        m, model, _ = _open(bundle, keyring, Path(tmp) / "b")
+        m, model, _ = _open(bundle, keyring, Path(tmp) / "b", root_key, model_key)
         out = model.predict(feed)
     result: dict[str, Any] = {"model": m.id, "outputs": {k: v.tolist() for k, v in out.items()}}
     first = next(iter(out.values()))
@@ -97,14 +115,16 @@ FAULTS: dict[str, str] = {}
 LOCK_WAIT = 30.0  # seconds `run` waits for a short-lived owner (a CLI install) of its state dir
 
 
-def _agent(state_dir: Path, keyring: Path, arch: str | None, threads: int | None, profile: str | None = None):
+def _agent(state_dir: Path, keyring: Path, arch: str | None, threads: int | None, profile: str | None = None,
+           root_key: Path | None = None, model_key: Path | None = None):
     import platform
 
-    from agent.keys import Keyring
+    from agent.seal import load_opener
     from agent.serve.service import Agent
+    from agent.trust import load_trust
 
-    return Agent(state_dir, Keyring.load(keyring), arch or platform.machine(), threads, faults=dict(FAULTS),
-                 profile=profile)
+    return Agent(state_dir, load_trust(keyring, root_key, state_dir), arch or platform.machine(), threads,
+                 faults=dict(FAULTS), profile=profile, opener=load_opener(model_key))
 
 
 def _on_owner(state_dir: Path, request: dict[str, Any], local: Any, timeout: float | None) -> dict[str, Any]:
@@ -130,8 +150,8 @@ def _on_owner(state_dir: Path, request: dict[str, Any], local: Any, timeout: flo
 _state_opts = [
     click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
                  help="Agent state folder (slots and state.json)."),
-    click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path),
-                 help="Trusted .pub file or folder of them."),
+    click.option("--keyring", required=True, type=click.Path(exists=True, path_type=Path), help=_KEYRING_HELP),
+    *_trust_opts,
     click.option("--arch", envvar="EDGESHIP_AGENT_ARCH", show_envvar=True, show_default="this machine's",
                  help="Device architecture."),
     click.option("--threads", type=int, show_default="the manifest's", help="Inference threads."),
@@ -153,12 +173,13 @@ def state_options(fn: Any) -> Any:
 @click.option("--allow-model-change", is_flag=True,
               help="Accept a bundle of another model name than the one served (replaces it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def install(bundle: Path, state_dir: Path, keyring: Path, arch: str | None, threads: int | None,
-            profile: str | None, allow_downgrade: bool, allow_model_change: bool, as_json: bool) -> None:
+def install(bundle: Path, state_dir: Path, keyring: Path, root_key: Path | None, model_key: Path | None,
+            arch: str | None, threads: int | None, profile: str | None, allow_downgrade: bool,
+            allow_model_change: bool, as_json: bool) -> None:
     """Verify and install BUNDLE crash-safely; the previous version is kept for rollback.
     Beside a running agent, the running agent installs it (BUNDLE must be readable by its user)."""
     def local() -> dict[str, Any]:
-        agent = _agent(state_dir, keyring, arch, threads, profile)
+        agent = _agent(state_dir, keyring, arch, threads, profile, root_key, model_key)
         agent.start()
         return agent.install(bundle, allow_downgrade, allow_model_change).__dict__
 
@@ -174,10 +195,11 @@ def install(bundle: Path, state_dir: Path, keyring: Path, arch: str | None, thre
 
 @cli.command()
 @state_options
-def rollback(state_dir: Path, keyring: Path, arch: str | None, threads: int | None, profile: str | None) -> None:
+def rollback(state_dir: Path, keyring: Path, root_key: Path | None, model_key: Path | None, arch: str | None,
+             threads: int | None, profile: str | None) -> None:
     """Switch back to the previous installed version (the running agent switches, when there is one)."""
     def local() -> dict[str, Any]:
-        agent = _agent(state_dir, keyring, arch, threads, profile)
+        agent = _agent(state_dir, keyring, arch, threads, profile, root_key, model_key)
         agent.start()
         return {"active": agent.rollback()}
 
@@ -186,7 +208,8 @@ def rollback(state_dir: Path, keyring: Path, arch: str | None, threads: int | No
 
 @cli.command()
 @state_options
-def status(state_dir: Path, keyring: Path, arch: str | None, threads: int | None, profile: str | None) -> None:
+def status(state_dir: Path, keyring: Path, root_key: Path | None, model_key: Path | None, arch: str | None,
+           threads: int | None, profile: str | None) -> None:
     """Print what is served, the update and fleet state and the telemetry queue as JSON. Read-only: asks
     the running agent, or reads the state dir without recovering or writing anything."""
     from agent import control, status as st
@@ -216,10 +239,11 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
 
     from agent import control
     from agent.config import load_config
-    from agent.keys import Keyring
     from agent.owner import StateLock
+    from agent.seal import load_opener
     from agent.serve.http import make_server, settings_of
     from agent.serve.service import Agent
+    from agent.trust import load_trust
 
     handler = logging.StreamHandler(sys.stdout)  # stdout -> journald under systemd
     handler.setFormatter(_JSONFormatter() if log_json else
@@ -231,14 +255,16 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
     if cfg.mqtt_broker:  # a bad broker URL is refused before anything starts
         from agent.fleet.mqtt import Broker
 
-        broker = Broker.parse(cfg.mqtt_broker, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_ca_file)
+        broker = Broker.parse(cfg.mqtt_broker, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_ca_file,
+                              cfg.mqtt_cert_file, cfg.mqtt_key_file)
     lock = StateLock(cfg.state_dir).acquire(  # one owner; a running agent answers on its channel: no wait
         "edgeship-agent run", LOCK_WAIT, give_up=lambda: control.call(cfg.state_dir, {"op": "status"}, 5) is not None)
     channel = server = link = agent = None
     try:
-        agent = Agent(cfg.state_dir, Keyring.load(cfg.keyring), cfg.arch, cfg.threads, faults=dict(FAULTS),
+        trust = load_trust(cfg.keyring, cfg.root_key, cfg.state_dir)  # one instance: the link updates it
+        agent = Agent(cfg.state_dir, trust, cfg.arch, cfg.threads, faults=dict(FAULTS),
                       profile=cfg.profile, interpreters=cfg.interpreters, max_sequences=cfg.max_sequences,
-                      sequence_idle_timeout=cfg.sequence_idle_timeout)
+                      sequence_idle_timeout=cfg.sequence_idle_timeout, opener=load_opener(cfg.model_key))
         agent.start()
         if cfg.capture.enabled:
             from agent.capture.recorder import Capture
@@ -247,13 +273,14 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
             click.echo(f"prediction capture on: {cfg.capture}")
         channel = control.ControlServer(agent).start()
         try:
-            server = make_server(agent, cfg.http_host, cfg.http_port, settings=settings_of(cfg))
+            server = make_server(agent, cfg.http_host, cfg.http_port, settings=settings_of(cfg), token=cfg.http_token,
+                                 tls=(cfg.http_tls_cert, cfg.http_tls_key) if cfg.http_tls_cert else None)
         except OSError as exc:
             raise AgentError(f"cannot serve HTTP on {cfg.http_host}:{cfg.http_port} ({exc})") from exc
         host, port = server.server_address[:2]
         cur = agent.current
-        click.echo(f"edgeship-agent {cfg.device_id}: serving "
-                   f"{cur.manifest.id if cur else 'no model yet'} on http://{host}:{port}", err=False)
+        click.echo(f"edgeship-agent {cfg.device_id}: serving {cur.manifest.id if cur else 'no model yet'} on "
+                   f"{'https' if cfg.http_tls_cert else 'http'}://{host}:{port}", err=False)
         sys.stdout.flush()
 
         def _term(*_: Any) -> None:
@@ -267,7 +294,7 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
 
             tele = TelemetryConfig(cfg.telemetry_interval, cfg.heartbeat, cfg.telemetry_queue_max, cfg.drift_psi,
                                    cfg.drift_every)
-            link = FleetLink(agent, Keyring.load(cfg.keyring), broker, cfg.fleet, cfg.device_id, cfg.group, tele)
+            link = FleetLink(agent, trust, broker, cfg.fleet, cfg.device_id, cfg.group, tele)
             link.start()
             click.echo(f"fleet {cfg.fleet!r} via {broker.host}:{broker.port} (group {cfg.group or '-'})")
         if install_bundle:
@@ -308,7 +335,7 @@ def doctor(config_path: Path | None, state_dir: Path | None, keyring: Path | Non
     from agent.doctor import report, text
 
     cfg = load_config(config_path, {"state_dir": state_dir, "keyring": keyring, "arch": arch})
-    doc = report(cfg.state_dir, cfg.arch, bundle, cfg.keyring, cfg.profile)
+    doc = report(cfg.state_dir, cfg.arch, bundle, cfg.keyring, cfg.profile, cfg.root_key, cfg.model_key)
     click.echo(json.dumps(doc) if as_json else text(doc))
     if bundle is not None and doc["bundle"]["would_install"] is False:
         sys.exit(1)

@@ -1,7 +1,8 @@
 """Agent configuration: parsed once at the entry point into a frozen dataclass.
 
 Precedence: command-line flag > environment (EDGESHIP_AGENT_*) > file (agent.toml) > default.
-Errors name the file and key.
+Errors name the file and key. A relative path in the file is relative to the file's folder (a device folder
+from `edgeship device enroll` works wherever it is copied).
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ class Config:
     sequence_idle_timeout: float = 60.0
     profile: str | None = None
     capture: CaptureConfig = CaptureConfig()
+    root_key: Path | None = None  # the fleet root's public key: the keyring is a document it signs
+    model_key: Path | None = None  # this device's X25519 key: opens bundles sealed for it
+    mqtt_cert_file: str | None = None  # client certificate and key (mutual TLS)
+    mqtt_key_file: str | None = None
+    http_token: str | None = field(default=None, repr=False)  # bearer token the HTTP API requires; never printed
+    http_tls_cert: str | None = None  # serve HTTPS with this certificate and key
+    http_tls_key: str | None = None
 
 
 FIELDS: dict[str, tuple[str, type, Any]] = {
@@ -93,7 +101,18 @@ FIELDS: dict[str, tuple[str, type, Any]] = {
     "capture_queue_bytes": ("capture.queue_bytes", int, 64 << 20),
     "capture_labels_max": ("capture.labels_max", int, 10_000),
     "capture_recent": ("capture.recent", int, 10_000),
+    "root_key": ("agent.root_key", str, None),
+    "model_key": ("agent.model_key", str, None),
+    "mqtt_cert_file": ("mqtt.cert_file", str, None),
+    "mqtt_key_file": ("mqtt.key_file", str, None),
+    "http_token": ("http.token", str, None),
+    "http_token_file": ("http.token_file", str, None),
+    "http_tls_cert": ("http.tls_cert", str, None),
+    "http_tls_key": ("http.tls_key", str, None),
 }
+PATHS = ("state_dir", "keyring", "root_key", "model_key", "mqtt_password_file", "mqtt_ca_file", "mqtt_cert_file",
+         "mqtt_key_file", "http_token_file", "http_tls_cert", "http_tls_key")  # relative: to the file's folder
+SECRETS = {"mqtt_password": "mqtt_password_file", "http_token": "http_token_file"}
 FRACTIONS = ("capture_rate", "capture_low_confidence", "capture_margin")  # in [0, 1]
 SERVING = ("max_header_bytes", "max_connections", "backlog", "read_timeout", "keepalive_timeout", "interpreters",
            "max_sequences", "sequence_idle_timeout")
@@ -122,6 +141,8 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
             v, src = env[f"EDGESHIP_AGENT_{name.upper()}"], "env"
         if v is None and k in doc.get(section, {}):
             v, src = doc[section][k], "file"
+            if name in PATHS and isinstance(v, str) and path is not None:
+                v = str(Path(path).parent / Path(v).expanduser())  # an absolute v stays as it is
         if v is None:
             v = default
         if typ is float and isinstance(v, int) and not isinstance(v, bool):
@@ -150,10 +171,13 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
     for name in ("capture_queue_max", "capture_queue_bytes", "capture_labels_max", "capture_recent"):
         if values[name] < 1:
             raise ConfigError(f"{where}: {FIELDS[name][0]}: must be positive, got {values[name]}")
-    if values["mqtt_password_file"]:
-        if values["mqtt_password"]:
-            raise ConfigError(f"{where}: mqtt.password and mqtt.password_file are both set; keep one")
-        values["mqtt_password"] = read_secret(Path(values["mqtt_password_file"]), "mqtt.password_file")
+    for secret, file_key in SECRETS.items():
+        if values[file_key]:
+            if values[secret]:
+                raise ConfigError(f"{where}: {FIELDS[secret][0]} and {FIELDS[file_key][0]} are both set; keep one")
+            values[secret] = read_secret(Path(values[file_key]), FIELDS[file_key][0])
+    if bool(values["http_tls_cert"]) != bool(values["http_tls_key"]):
+        raise ConfigError(f"{where}: http.tls_cert and http.tls_key go together")
     return Config(state_dir=Path(values["state_dir"]), keyring=Path(values["keyring"]),
                   device_id=values["device_id"] or socket.gethostname(),
                   arch=values["arch"] or platform.machine(), threads=values["threads"],
@@ -162,8 +186,11 @@ def load_config(path: Path | None, flags: Mapping[str, Any] | None = None,
                   fleet=values["fleet"], group=values["group"], mqtt_username=values["mqtt_username"],
                   mqtt_password=values["mqtt_password"], mqtt_ca_file=values["mqtt_ca_file"], profile=values["profile"],
                   capture=CaptureConfig(**{k[8:]: v for k, v in values.items() if k.startswith("capture_")}),
+                  root_key=Path(values["root_key"]) if values["root_key"] else None,
+                  model_key=Path(values["model_key"]) if values["model_key"] else None,
                   **{k: values[k] for k in ("telemetry_interval", "heartbeat", "telemetry_queue_max", "drift_psi",
-                                            "drift_every", *SERVING)})
+                                            "drift_every", "mqtt_cert_file", "mqtt_key_file", "http_token",
+                                            "http_tls_cert", "http_tls_key", *SERVING)})
 
 
 def read_secret(path: Path, key: str) -> str:
@@ -179,5 +206,5 @@ def read_secret(path: Path, key: str) -> str:
 
 
 def _bad(where: str, key: str, typ: type, v: Any) -> Any:
-    shown = type(v).__name__ if "password" in key else repr(v)  # never echo a credential
+    shown = type(v).__name__ if "password" in key or "token" in key else repr(v)  # never echo a credential
     raise ConfigError(f"{where}: {key}: expected {typ.__name__}, got {shown}")

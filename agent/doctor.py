@@ -15,13 +15,17 @@ import numpy as np
 from agent import device as dev
 from agent.bundle import Limits, inspect_bundle, verify_bundle
 from agent.errors import AgentError
-from agent.keys import Keyring
 from agent.manifest import Manifest
+from agent.seal import Sealing, load_opener
+from agent.trust import load_trust
 
 
 def check_bundle(path: Path, keyring: Path | None, arch: str, state_dir: Path,
-                 profile: str | None = None) -> dict[str, Any]:
-    """Every check an install of ``path`` would make here: name, ok (None: not checked), detail."""
+                 profile: str | None = None, root_key: Path | None = None,
+                 model_key: Path | None = None) -> dict[str, Any]:
+    """Every check an install of ``path`` would make here: name, ok (None: not checked), detail.
+    ``root_key``: the keyring is a root-signed document (the state dir's newer copy counts, as at install);
+    ``model_key``: opens sealed bundles."""
     checks: list[dict[str, Any]] = []
 
     def add(name: str, ok: bool | None, detail: str) -> None:
@@ -30,7 +34,7 @@ def check_bundle(path: Path, keyring: Path | None, arch: str, state_dir: Path,
     m: Manifest | None = None
     if keyring is not None and keyring.exists():
         try:
-            m = verify_bundle(path, Keyring.load(keyring))
+            m = verify_bundle(path, load_trust(keyring, root_key, state_dir if state_dir.is_dir() else None))
             add("signature", True, f"signed by trusted key {m.key_id}; every file hash matches")
         except AgentError as exc:
             add("signature", False, str(exc))
@@ -42,6 +46,16 @@ def check_bundle(path: Path, keyring: Path | None, arch: str, state_dir: Path,
         except AgentError as exc:
             add("manifest", False, str(exc))
             return _verdict(path, None, checks)
+    try:
+        if (sealing := Sealing.of(m)) is not None:
+            opener = load_opener(model_key)
+            if opener is None:
+                add("sealed", False, "encrypted, and no model key is configured (model_key)")
+            else:
+                opener.data_key(sealing, str(path))
+                add("sealed", True, f"encrypted for this device's model key {opener.key_id}")
+    except AgentError as exc:
+        add("sealed", False, str(exc))
     reserve = Limits().min_free_bytes
     problems = dev.problems(m, arch, profile, state_dir, reserve)
     add("arch", "arch" not in problems, str(problems.get("arch", f"{m.arch}, like this device")))
@@ -73,10 +87,10 @@ def _verdict(path: Path, m: Manifest | None, checks: list[dict[str, Any]]) -> di
 
 
 def report(state_dir: Path, arch: str, bundle: Path | None, keyring: Path | None,
-           profile: str | None = None) -> dict[str, Any]:
+           profile: str | None = None, root_key: Path | None = None, model_key: Path | None = None) -> dict[str, Any]:
     doc = dev.probe(state_dir, arch).to_dict()
     if bundle is not None:
-        doc["bundle"] = check_bundle(bundle, keyring, arch, state_dir, profile)
+        doc["bundle"] = check_bundle(bundle, keyring, arch, state_dir, profile, root_key, model_key)
     return doc
 
 

@@ -43,6 +43,14 @@ class KeyringError(AgentError):
     """A trusted key file cannot be read or parsed."""
 
 
+class TrustError(KeyringError):
+    """A keyring document is not signed by the root key, not newer than the one trusted, or expired."""
+
+
+class SealError(BundleError):
+    """An encrypted bundle cannot be opened here: not encrypted for this device's key, or no key configured."""
+
+
 class ConfigError(AgentError):
     """The agent configuration is missing a value or has a wrong one."""
 

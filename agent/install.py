@@ -29,11 +29,12 @@ from typing import Any, Callable
 
 from agent import device as dev
 from agent.bundle import Limits, extract_bundle, verify_bundle
-from agent.errors import AgentError, CompatibilityError, StorageError
+from agent.errors import AgentError, CompatibilityError, SealError, StorageError
 from agent.golden import replay
 from agent.keys import Keyring
 from agent.manifest import Manifest, canonical_json, parse_manifest
 from agent.runtime import Model, load_model
+from agent.seal import Sealing
 from agent.store import Store
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,11 @@ class Engine:
 
     def __init__(self, store: Store, keyring: Keyring, device: Device,
                  on_commit: Callable[[str, Model | None], None] = lambda slot, model: None,
-                 faults: dict[str, str] | None = None, limits: Limits = Limits()):
+                 faults: dict[str, str] | None = None, limits: Limits = Limits(), opener: Any = None):
+        """``keyring``: a Keyring or an agent.trust.Trust (checked at each install); ``opener``: the device's
+        model key (agent.seal.Opener) for sealed bundles."""
         self.store, self.keyring, self.device, self.limits = store, keyring, device, limits
+        self.opener = opener
         self.on_commit, self.faults = on_commit, faults or {}
         self._verified: tuple[str, Model] | None = None  # reused by Commit: the model is loaded once
 
@@ -244,6 +248,10 @@ class Engine:
         problems = dev.problems(m, self.device.arch, self.device.profile)
         if problems:
             raise next(iter(problems.values()))
+        if (sealing := Sealing.of(m)) is not None:  # refused here, before Stage, when not sealed for us
+            if self.opener is None:
+                raise SealError(f"{m.id} is encrypted and this device has no model key (model_key in agent.toml)")
+            self.opener.data_key(sealing, str(bundle))
         doc = self.store.load()
         active = doc.get("active")
         current = self.manifest_of(active)
@@ -281,7 +289,7 @@ class Engine:
         if upd["slot"] in (doc.get("active"), doc.get("previous")):
             return Ev.SUCCESS  # re-installing the previous slot: already on disk and verified
         shutil.rmtree(dest, ignore_errors=True)
-        extract_bundle(Path(upd["bundle"]), self.keyring, dest, self.limits)
+        extract_bundle(Path(upd["bundle"]), self.keyring, dest, self.limits, self.opener)
         return Ev.SUCCESS
 
     def _verify_model(self, upd: dict) -> Ev:

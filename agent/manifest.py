@@ -14,6 +14,7 @@ from typing import Any
 from agent.errors import ManifestError
 
 SCHEMA_VERSION = 1
+SEALED_SCHEMA = 2  # schema 1 + an ``encryption`` block: the files are ciphertext (agent/seal.py)
 FORMATS = {"tflite": ".tflite", "onnx": ".onnx"}
 RUNTIME_FORMATS = {"litert": "tflite", "tflite-runtime": "tflite", "onnxruntime": "onnx"}
 ARCHES = ("aarch64", "armv7l", "x86_64")
@@ -132,9 +133,11 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object")
         schema = _get(d, "schema", int, where)
-        if schema != SCHEMA_VERSION:
+        if schema not in (SCHEMA_VERSION, SEALED_SCHEMA):
             raise ManifestError(f"{where}.schema: version {schema} is not supported by this agent "
-                                f"(supports {SCHEMA_VERSION}); upgrade edgeship-agent")
+                                f"(supports {SCHEMA_VERSION} and {SEALED_SCHEMA}); upgrade edgeship-agent")
+        if (schema == SEALED_SCHEMA) != ("encryption" in d):
+            raise ManifestError(f"{where}: schema {SEALED_SCHEMA} (and only it) has an encryption block")
         name = _get(d, "name", str, where)
         if not _NAME.match(name):
             raise ManifestError(f"{where}.name: {name!r} is not a valid model name")
@@ -187,6 +190,8 @@ class Manifest:
                 v = _get(golden, k, (int, float), f"{where}.golden")
                 if v < 0:
                     raise ManifestError(f"{where}.golden.{k}: must be >= 0")
+        if schema == SEALED_SCHEMA:
+            _check_sealed(d, files)
         labels = d.get("labels") or []
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise ManifestError(f"{where}.labels: expected a list of strings")
@@ -200,6 +205,21 @@ class Manifest:
             model_file=model_file, files=tuple(files), inputs=inputs, outputs=outputs,
             key_id=_get(d, "key_id", str, where), golden=dict(golden), labels=tuple(labels), data=d,
         )
+
+
+def _check_sealed(d: dict[str, Any], files: list[FileEntry]) -> None:
+    """Every file of a sealed bundle is sealed, and its ciphertext size is what its plaintext size gives."""
+    from agent.seal import Sealing, sealed_size
+
+    sealing = Sealing.of(d)
+    assert sealing is not None
+    entries = {f.path: f for f in files}
+    if set(sealing.files) != set(entries):
+        raise ManifestError("manifest.json.encryption.files: must name exactly the bundle's files")
+    for path, (_, size) in sealing.files.items():
+        if entries[path].size != sealed_size(size, sealing.segment):
+            raise ManifestError(f"manifest.json.encryption.files.{path}: plaintext size {size} does not match "
+                                f"the ciphertext's {entries[path].size} bytes")
 
 
 def parse_manifest(raw: bytes) -> Manifest:

@@ -67,7 +67,7 @@ class AgentProcess:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             text = self.log.read_bytes()[self._from:].decode(errors="replace")
-            if m := re.search(r"serving .* on http://[^:]+:(\d+)", text):
+            if m := re.search(r"serving .* on https?://[^:]+:(\d+)", text):
                 self.port = int(m.group(1))
                 return self
             if self.proc.poll() is not None:

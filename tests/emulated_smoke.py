@@ -3,8 +3,10 @@
 Runs in-process (no subprocess: without binfmt_misc an emulated exec of sys.executable fails):
 install v1 (signature, hashes, LiteRT load, golden set), serve HTTP, infer over v2, rebuild v2 from a
 zstd delta patch against the installed v1 and install it with hot swap, refuse a tampered bundle, roll
-back; telemetry window on the way. Prints one JSON line with what it saw.
-usage: python emulated_smoke.py STATE_DIR KEYRING V1 V2_PATCH TAMPERED INPUT_NPY  (V2_PATCH.json: its meta)
+back; install an encrypted v3 sealed for this device's model key (X25519, AES-GCM on this CPU); telemetry
+window on the way. Prints one JSON line with what it saw.
+usage: python emulated_smoke.py STATE_DIR KEYRING V1 V2_PATCH TAMPERED INPUT_NPY SEALED_V3 MODEL_KEY
+(V2_PATCH.json: its meta)
 """
 
 import http.client
@@ -18,6 +20,7 @@ import numpy as np
 from agent.fleet import delta
 from agent.serve.http import make_server, serve_in_thread
 from agent.keys import Keyring
+from agent.seal import Opener
 from agent.serve.service import Agent
 
 
@@ -29,8 +32,8 @@ def post(port, path, body):
 
 
 def main():
-    state, keyring, v1, v2_patch, tampered, xpath = sys.argv[1:7]
-    agent = Agent(Path(state), Keyring.load(keyring), platform.machine())
+    state, keyring, v1, v2_patch, tampered, xpath, sealed, model_key = sys.argv[1:9]
+    agent = Agent(Path(state), Keyring.load(keyring), platform.machine(), opener=Opener.load(Path(model_key)))
     agent.start()
     out = {"machine": platform.machine(), "numpy": np.__version__}
     out["install_v1"] = agent.install(Path(v1)).chain
@@ -62,6 +65,8 @@ def main():
     out["serving_after_rollback"] = agent.current.manifest.version
     status, res = post(port, "/predict", {"input": x[0].tolist()})
     out["predict_status"], out["predict_label"] = status, res.get("label")
+    out["install_sealed"] = agent.install(Path(sealed)).status
+    out["serving_sealed"] = agent.current.manifest.version
     server.shutdown()
     print(json.dumps(out))
 

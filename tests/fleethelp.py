@@ -19,10 +19,11 @@ needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None and not o
     "/usr/sbin/mosquitto"), reason="mosquitto not installed (apt-get install mosquitto)")
 
 
-def start_agent(tmp_path, name, broker, keyring, group="", **link_kw):
+def start_agent(tmp_path, name, broker, keyring, group="", opener=None, **link_kw):
+    """An in-process agent with a fleet link in fleet "test"; ``opener``: its model key (agent.seal.Opener)."""
     from agent.fleet.link import FleetLink
 
-    a = Agent(tmp_path / name, keyring, DEVICE_ARCH)
+    a = Agent(tmp_path / name, keyring, DEVICE_ARCH, opener=opener)
     a.start()
     link = FleetLink(a, keyring, Broker.parse(broker.url), "test", name, group, **link_kw)
     link.subs = Subs(link.client)

@@ -48,14 +48,15 @@ def make_ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-SHIPPED_CONF = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "edgeship.conf"
+SHIPPED_CONF = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "edgeship.conf"  # mutual TLS
+SHIPPED_PASSWORDS = SHIPPED_CONF.with_name("edgeship-passwords.conf")
 
 
-def shipped_conf(ports: list[int], paths: dict[str, list[Path | str]]) -> str:
-    """deploy/mosquitto/edgeship.conf as shipped, with the test's ports (one per listener, in order) and file
+def shipped_conf(ports: list[int], paths: dict[str, list[Path | str]], conf: Path = SHIPPED_CONF) -> str:
+    """A deploy/mosquitto configuration as shipped, with the test's ports (one per listener, in order) and file
     locations (per option, one per occurrence, in order)."""
     out, ports, paths = [], list(ports), {k: list(v) for k, v in paths.items()}
-    for line in SHIPPED_CONF.read_text().splitlines():
+    for line in conf.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -70,14 +71,18 @@ def shipped_conf(ports: list[int], paths: dict[str, list[Path | str]]) -> str:
 
 class Mosquitto:
     def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None,
-                 acl_file: Path | None = None, host_users: dict[str, str] | None = None, extra: str = ""):
+                 acl_file: Path | None = None, host_users: dict[str, str] | None = None, extra: str = "",
+                 certs: Path | None = None, passwd_lines: str = ""):
         """``users``: serve MQTT over TLS (a throw-away CA, ``ca_file``) with these usernames/passwords only;
-        ``acl_file``: and enforce this ACL. ``host_users``: run deploy/mosquitto/edgeship.conf as shipped
-        (only ports and paths replaced): ``users`` log in on ``url`` (devices), ``host_users`` on ``host_url``.
+        ``acl_file``: and enforce this ACL. ``host_users``: run deploy/mosquitto/edgeship-passwords.conf as
+        shipped (only ports and paths replaced): ``users`` log in on ``url`` (devices), ``host_users`` on
+        ``host_url``. ``certs``: run deploy/mosquitto/edgeship.conf (mutual TLS) as shipped, with the files
+        `edgeship ca server-cert -o FOLDER` wrote (ca.pem, server.pem, server.key, crl.pem) and ``acl_file``.
+        ``passwd_lines``: hashed lines (mosquitto_passwd format) added to the devices' password file.
         ``extra``: configuration lines appended."""
         self.folder, self.port, self.users, self.acl_file = folder, port or free_port(), users, acl_file
-        self.host_users, self.extra = host_users, extra
-        self.host_port = free_port() if host_users else None
+        self.host_users, self.extra, self.certs, self.passwd_lines = host_users, extra, certs, passwd_lines
+        self.host_port = free_port() if host_users or certs else None
         self.proc: subprocess.Popen | None = None
         self.ca_file: Path | None = None
 
@@ -89,23 +94,31 @@ class Mosquitto:
         text = (f"listener {self.port} 127.0.0.1\npersistence true\n"
                 f"persistence_location {self.folder}/\nmessage_size_limit 1048576\n"
                 f"max_inflight_messages 100\nmax_queued_messages 10000\n")
-        if self.users:
+        if self.certs:
+            self.install_certs()
+            self._acl()
+            f = self.folder
+            text = shipped_conf([self.port, self.host_port],
+                                {"cafile": [f / "ca.pem"], "certfile": [f / "server.pem"], "keyfile": [f / "server.key"],
+                                 "crlfile": [f / "crl.pem"], "acl_file": [f / "acl.conf"],
+                                 "persistence_location": [f"{f}/"]})
+        elif self.users:
             ca, cert, key = self.folder / "ca.pem", self.folder / "server.pem", self.folder / "server.key"
             if not ca.exists():  # a restart keeps the CA its clients trust
                 make_ca_and_server_cert(self.folder)
             self.ca_file = ca
             pw, host_pw = self._passwd("passwd", self.users), self._passwd("host.passwd", self.host_users or {})
+            with open(pw, "a") as fh:
+                fh.write(self.passwd_lines)
             text += (f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\nallow_anonymous false\n"
                      f"password_file {pw}\n")
             if self.acl_file:
-                acl = self.folder / "acl.conf"  # a copy mosquitto (not root) can read
-                acl.write_text(Path(self.acl_file).read_text())
-                acl.chmod(0o644)
-                text += f"acl_file {acl}\n"
+                text += f"acl_file {self._acl()}\n"
             if self.host_users:
                 text = shipped_conf([self.port, self.host_port],
                                     {"cafile": [ca], "certfile": [cert], "keyfile": [key], "password_file": [pw, host_pw],
-                                     "acl_file": [self.folder / "acl.conf"], "persistence_location": [f"{self.folder}/"]})
+                                     "acl_file": [self.folder / "acl.conf"], "persistence_location": [f"{self.folder}/"]},
+                                    SHIPPED_PASSWORDS)
         else:
             text += "allow_anonymous true\n"
         conf.write_text(text + self.extra)
@@ -119,6 +132,44 @@ class Mosquitto:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not start: {(self.folder / 'mosquitto.log').read_text()[-2000:]}")
+
+    def _acl(self) -> Path:
+        acl = self.folder / "acl.conf"  # a copy mosquitto (not root) can read
+        acl.write_text(Path(self.acl_file).read_text() if self.acl_file else "")
+        acl.chmod(0o644)
+        return acl
+
+    def install_certs(self) -> None:
+        """Copies of the certificate files (and CRL) that mosquitto, dropping root, can read (test material)."""
+        import shutil as sh
+
+        for name in ("ca.pem", "server.pem", "server.key", "crl.pem"):
+            src = self.certs / name
+            if src.exists():
+                sh.copyfile(src, self.folder / name)
+                (self.folder / name).chmod(0o644)
+        self.ca_file = self.folder / "ca.pem"
+
+    def reload(self, acl_file: Path | None = None, crl: Path | None = None) -> None:
+        """New ACL and CRL files, then SIGHUP (what `systemctl reload mosquitto` does)."""
+        import signal
+        import shutil as sh
+
+        if acl_file is not None:
+            self.acl_file = acl_file
+            self._acl()
+        if crl is not None:
+            sh.copyfile(crl, self.folder / "crl.pem")
+            (self.folder / "crl.pem").chmod(0o644)
+        assert self.proc is not None
+        log = self.folder / "mosquitto.log"
+        before = log.read_text().count("Reloading config")
+        self.proc.send_signal(signal.SIGHUP)
+        for _ in range(200):  # mosquitto logs it when it has re-read its files
+            if log.read_text().count("Reloading config") > before:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not reload")
 
     def _passwd(self, name: str, users: dict[str, str]) -> Path:
         pw = self.folder / name
@@ -144,7 +195,7 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.users else 'mqtt'}://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.users or self.certs else 'mqtt'}://127.0.0.1:{self.port}"
 
     @property
     def host_url(self) -> str:

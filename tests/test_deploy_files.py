@@ -72,3 +72,21 @@ def test_host_image_extras_and_fleet_tools_need_no_tensorflow():
             "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tf_keras', 'onnx', 'mlflow'}))")
     assert run_py(code).strip().splitlines()[-1] == "[]"
+
+
+def test_agent_unit_is_valid_systemd_and_runs_as_a_dynamic_user(tmp_path):
+    """deploy/edgeship-agent.service: every directive known to this systemd (systemd-analyze verify), a dynamic
+    user with a private state folder, the private keys handed over as credentials."""
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    text = (ROOT / "deploy" / "edgeship-agent.service").read_text()
+    for line in ("DynamicUser=yes", "StateDirectory=edgeship", "StateDirectoryMode=0700",
+                 "LoadCredential=model.key:/etc/edgeship/model.key", "Environment=EDGESHIP_AGENT_MODEL_KEY=%d/model.key"):
+        assert line in text.splitlines(), line
+    unit = tmp_path / "edgeship-agent.service"
+    unit.write_text(text.replace("/opt/edgeship/venv/bin/edgeship-agent", shutil.which("true") or "/bin/true"))
+    res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and str(unit) not in res.stderr, res.stderr

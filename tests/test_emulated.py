@@ -42,10 +42,17 @@ def test_agent_smoke_on_emulated_raspberry_pi(arch, digits_build, digits, signin
     (tmp_path / "v2.patch").write_bytes(p["patch"])
     (tmp_path / "v2.patch.json").write_text(json.dumps({k: p[k] for k in ("window_log", "target_sha256")}
                                                        | {"target_size": v2.stat().st_size}))
+    from agent.seal import generate_model_key, model_key_id
+    from toolkit.fleet.sealing import seal_bundle
+
+    pem, pub = generate_model_key()  # v3 encrypted for this device's model key
+    (tmp_path / "model.key").write_bytes(pem)
+    v3 = rebundle(v1, tmp_path / "v3.bundle", signing_key, version=3)
+    sealed = seal_bundle(v3, {model_key_id(pub): pub}, signing_key, tmp_path / "sealed").path
     proc = subprocess.run([*land.python, str(ROOT / "tests" / "emulated_smoke.py"), str(tmp_path / "state"),
                            str(settings.keyring_path), str(v1), str(tmp_path / "v2.patch"), str(tmp_path / "bad.bundle"),
-                           str(tmp_path / "x.npy")], env=land.env(HOME=str(tmp_path)), capture_output=True, text=True,
-                          timeout=900)
+                           str(tmp_path / "x.npy"), str(sealed), str(tmp_path / "model.key")],
+                          env=land.env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     chosen = next(p for p in digits_build.profiles if p.profile.name == PROFILE[arch]).chosen
@@ -57,6 +64,7 @@ def test_agent_smoke_on_emulated_raspberry_pi(arch, digits_build, digits, signin
     assert out["tampered"][0] == "refused"
     assert out["rollback_to"].startswith("digits-v1") and out["serving_after_rollback"] == 1
     assert out["predict_status"] == 200 and out["predict_label"] == [str(y[0])]
+    assert out["install_sealed"] == "installed" and out["serving_sealed"] == 3
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from agent.fleet.telemetry import Drift, System, Window
 
 ROOT = Path(__file__).resolve().parent.parent
 SHA = "ab" * 32
+KEY = bytes(range(32))  # a public key's 32 bytes
 
 
 def _drift_snapshot() -> dict:
@@ -43,9 +44,11 @@ def _samples(tmp_path) -> dict[str, bytes]:
         w.observe(ms, ms < 100)
     record = P.telemetry_doc("pi-1", "kitchen", 10.0, "digits", 2, w.snapshot(), _drift_snapshot(),
                              System(tmp_path).snapshot(), {"status": "installed", "error": ""})
-    desired = P.desired_doc("digits", 2, SHA, 1234, "device:pi-1", "https://cdn/x.bundle", rollback_to=1)
+    desired = P.desired_doc("digits", 2, SHA, 1234, "device:pi-1", "https://cdn/x.bundle", rollback_to=1, ttl=60)
+    keyring = P.keyring_doc(3, {P.key_id(KEY): KEY}, 2e9, ["cd" * 8])
     return {
         "desired": P.sign_message(desired, "k1", lambda b: b"sig"),
+        "keyring": P.sign_message(keyring, "root", lambda b: b"sig"),
         "index": P.encode(P.index_doc(b"x" * 100, 64, deltas=[SHA])),
         "delta-index": P.encode(P.index_doc(b"p" * 10, 64, delta=P.Patch(SHA, 100, SHA, "zstd", 22))),
         "reported": P.encode(P.reported_doc("pi-1", "kitchen", "digits", 2, SHA, 7, "installed", "",
@@ -119,7 +122,9 @@ def test_builders_and_parsers_agree(tmp_path):
     s = _samples(tmp_path)
     d, _ = P.parse_desired(s["desired"], "t", _Trusting())
     assert (d.model, d.version, d.sha256, d.size, d.target, d.url, d.rollback_to) == (
-        "digits", 2, SHA, 1234, "device:pi-1", "https://cdn/x.bundle", 1)
+        "digits", 2, SHA, 1234, "device:pi-1", "https://cdn/x.bundle", 1) and d.expires > 1e9
+    k = P.parse_keyring(s["keyring"], "t", _Trusting())
+    assert (k.version, k.expires, k.keys, k.revoked) == (3, 2e9, {P.key_id(KEY): KEY}, ("cd" * 8,))
     idx = P.parse_index(s["index"], "t")
     assert idx.size == 100 and idx.chunk_size == 64 and len(idx.chunks) == 2 and idx.deltas == (SHA,)
     assert P.parse_index(s["delta-index"], "t").delta == P.Patch(SHA, 100, SHA, "zstd", 22)
@@ -250,9 +255,30 @@ HOSTILE = [
 ]
 
 
+
+
+def _keyring(**over) -> bytes:
+    doc = {"v": 1, "type": "keyring", "version": 2, "expires": 2e9, "key_id": "root", "sig": "c2ln",
+           "keys": [{"key_id": P.key_id(KEY), "public": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}]}
+    return json.dumps({**doc, **over}).encode()
+
+
+HOSTILE += [
+    ("keyring", _keyring(keys=[{"key_id": "0" * 16, "public": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}]),
+     "matching its key_id"),
+    ("keyring", _keyring(keys=[{"key_id": "0" * 16, "public": "AAEC"}]), "32-byte"),
+    ("keyring", _keyring(keys=[]), "at least one key"),
+    ("keyring", _keyring(revoked=[P.key_id(KEY)]), "none it revokes"),
+    ("keyring", _keyring(revoked=["x"] * 2000), "revoked"),
+    ("keyring", _keyring(version=0), "version"),
+    ("keyring", _keyring(keys=[{"key_id": "a", "public": "b"}] * 100), "keys"),
+]
+
+
 @pytest.mark.parametrize("kind,payload,field", HOSTILE, ids=[f"{k}-{f}-{i}" for i, (k, _, f) in enumerate(HOSTILE)])
 def test_parsers_refuse_hostile_messages_naming_the_field(kind, payload, field):
-    parse = {"telemetry": lambda: P.parse_telemetry(payload, "top/ic", "d"),
+    parse = {"keyring": lambda: P.parse_keyring(payload, "top/ic", _Trusting()),
+             "telemetry": lambda: P.parse_telemetry(payload, "top/ic", "d"),
              "reported": lambda: P.parse_reported(payload, "top/ic", "d"),
              "presence": lambda: P.parse_presence(payload, "top/ic"),
              "index": lambda: P.parse_index(payload, "top/ic")}[kind]

@@ -19,6 +19,7 @@ from agent.errors import AgentError
 from toolkit.cli_fleet import emit_json as _emit
 from toolkit.cli_fleet import register
 from toolkit.cli_capture import register as register_capture
+from toolkit.cli_security import register as register_security
 from toolkit.errors import ToolkitError
 from toolkit.settings import Settings
 
@@ -336,26 +337,38 @@ def bundle_inspect(path: Path, as_json: bool) -> None:
                        + (f"  scale={q['scale']:.6g} zp={q['zero_point']}" if q else ""))
     for f in doc.get("files", []):
         click.echo(f"  file   {f['path']:<20} {f['size']:>10} B  sha256 {f['sha256'][:16]}…")
+    if enc := doc.get("encryption"):
+        click.echo(f"encrypted ({enc.get('aead')}) for {len(enc.get('recipients', []))} device(s): the files above "
+                   f"are ciphertext")
     click.echo(f"metrics {json.dumps(doc.get('metrics', {}), sort_keys=True)}")
 
 
 @bundle.command("verify")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--keyring", type=click.Path(exists=True, path_type=Path), show_default="HOME/keys",
+@click.option("--keyring", type=click.Path(exists=True, path_type=Path),
+              show_default="HOME's keyring (keys/keyring.json, else keys/*.pub)",
               help="Trusted .pub file or folder of them.")
 @click.pass_obj
 def bundle_verify(s: Settings, path: Path, keyring: Path | None) -> None:
-    """Verify signature, structure and every file hash; load the model and replay the golden set."""
+    """Verify signature, structure and every file hash; load the model and replay the golden set (an encrypted
+    bundle: signature and ciphertext hashes only)."""
     import tempfile
 
-    from agent.bundle import extract_bundle
+    from agent.bundle import extract_bundle, inspect_bundle, verify_bundle
     from agent.golden import replay
     from agent.keys import Keyring
     from agent.runtime import load_model
+    from toolkit.key_rotation import trusted
 
+    ring = Keyring.load(keyring) if keyring else trusted(s)
+    if "encryption" in inspect_bundle(path)[0]:
+        m = verify_bundle(path, ring)
+        return click.echo(f"signature OK: {m.id} ({m.profile}) signed by {m.key_id}; {len(m.files)} ciphertext "
+                          f"hashes OK; encrypted for {len(m.data['encryption']['recipients'])} device(s): "
+                          f"not loaded here")
     with tempfile.TemporaryDirectory(prefix="edgeship-verify-") as tmp:
         folder = Path(tmp) / "bundle"
-        m = extract_bundle(path, Keyring.load(keyring or s.keyring_path), folder)
+        m = extract_bundle(path, ring, folder)
         click.echo(f"signature OK: {m.id} ({m.profile}, {m.format}/{m.precision}) signed by {m.key_id}; "
                    f"{len(m.files)} file hashes OK")
         model = load_model(folder / m.model_file, threads=1)
@@ -454,6 +467,7 @@ def demo(s: Settings, workdir: Path | None, quick: bool) -> None:
 
 register(cli)  # publish, broker, rollout, fleet
 register_capture(cli)  # capture
+register_security(cli)  # device, ca, keys root-init/sign-keyring/publish-keyring/rotate/revoke/list
 
 
 def main() -> None:

@@ -20,7 +20,12 @@ _MQTT = [
                  help="[env EDGESHIP_MQTT_PASSWORD] Prefer the environment or --password-file: arguments show in ps."),
     click.option("--password-file", type=click.Path(exists=True, dir_okay=False), envvar="EDGESHIP_MQTT_PASSWORD_FILE",
                  help="Read the password from this file's first line [env EDGESHIP_MQTT_PASSWORD_FILE]."),
-    click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle for mqtts://."),
+    click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), envvar="EDGESHIP_MQTT_CA_FILE",
+                 help="CA bundle for mqtts:// [env EDGESHIP_MQTT_CA_FILE]."),
+    click.option("--cert-file", type=click.Path(exists=True, dir_okay=False), envvar="EDGESHIP_MQTT_CERT_FILE",
+                 help="Client certificate for mutual TLS (edgeship ca host-cert) [env EDGESHIP_MQTT_CERT_FILE]."),
+    click.option("--key-file", type=click.Path(exists=True, dir_okay=False), envvar="EDGESHIP_MQTT_KEY_FILE",
+                 help="Its private key [env EDGESHIP_MQTT_KEY_FILE]."),
 ]
 
 
@@ -30,7 +35,7 @@ def mqtt_options(fn: Callable) -> Callable:
         fn = opt(fn)
 
     def wrapper(*args: Any, broker: str, username: str | None, password: str | None, password_file: str | None,
-                ca_file: str | None, **kw: Any) -> Any:
+                ca_file: str | None, cert_file: str | None, key_file: str | None, **kw: Any) -> Any:
         from agent.config import read_secret
         from agent.fleet.mqtt import Broker
 
@@ -38,7 +43,7 @@ def mqtt_options(fn: Callable) -> Callable:
             if password:
                 raise click.UsageError("give --password or --password-file, not both")
             password = read_secret(Path(password_file), "--password-file")
-        return fn(*args, conn=Broker.parse(broker, username, password, ca_file), **kw)
+        return fn(*args, conn=Broker.parse(broker, username, password, ca_file, cert_file, key_file), **kw)
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     wrapper.__click_params__ = fn.__click_params__  # type: ignore[attr-defined]
@@ -52,6 +57,34 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+_encrypt_option = click.option(
+    "--encrypt", is_flag=True, help="Encrypt the model and golden set for the target's enrolled devices (their "
+    "model keys, edgeship device enroll): a copy off the broker or a download folder is unreadable without one.")
+
+
+def _seal(s: Settings, bundle: Path, key: Any, fleet: str, device: str | None = None, group: str | None = None,
+          members: list[str] | None = None) -> Any:
+    """A sealed copy of ``bundle`` for the enrolled devices of ``fleet`` (a device, or a group; ``members``: who
+    must be able to open it), recorded in the registry for deltas."""
+    from toolkit.enroll import ca_of
+    from toolkit.fleet.sealing import record, seal_bundle
+
+    ca = ca_of(s)
+    try:
+        recipients = ca.recipients(fleet, group=group, device=device)
+        if members:
+            enrolled = {r["name"] for r in ca.list(fleet, active=True) if r["model_key"] and r["grp"] == group}
+            if missing := sorted(set(members) - enrolled):
+                raise ToolkitError(f"cannot encrypt for {', '.join(missing)}: not enrolled in fleet {fleet!r} group "
+                                   f"{group!r} with a model key (edgeship device enroll); they could not open it")
+    finally:
+        ca.close()
+    sealed = seal_bundle(bundle, recipients, key, s.home / "sealed")
+    record(s.registry_path, sealed, bundle)
+    click.echo(f"encrypted {bundle.name} for {sealed.recipients} device(s): {sealed.path}")
+    return sealed
+
+
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--device", help="Target one device id.")
@@ -63,15 +96,18 @@ def emit_json(data: Any) -> None:
               help="Devices download the bundle from this http(s) URL instead of MQTT chunks.")
 @click.option("--delta-from", "delta_from", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A bundle devices may be running: also publish a (smaller) patch against its model. Repeatable.")
+@_encrypt_option
 @click.pass_obj
 def publish(s: Settings, bundle: Path, device: str | None, group: str | None, conn: Any, fleet_name: str,
-            key: Path | None, url: str, delta_from: tuple[Path, ...]) -> None:
+            key: Path | None, url: str, delta_from: tuple[Path, ...], encrypt: bool) -> None:
     """Publish BUNDLE as resumable chunks and set the signed desired state of a device or group."""
     from toolkit.fleet.publish import publish as do_publish
     from toolkit.signing import load_key
 
-    res = do_publish(bundle, conn, fleet_name, load_key(key or s.key_path), device=device, group=group, url=url,
-                     delta_from=list(delta_from))
+    signing = load_key(key or s.key_path)
+    sealed = _seal(s, bundle, signing, fleet_name, device=device, group=group) if encrypt else None
+    res = do_publish(sealed.path if sealed else bundle, conn, fleet_name, signing, device=device, group=group,
+                     url=url, delta_from=list(delta_from), sealed=sealed)
     click.echo(f"published {res['model']} v{res['version']} ({res['chunks']} chunks, sha256 "
                f"{res['sha256'][:12]}…) to {res['target']} on {res['topic']}")
     for base, size in res.get("deltas", {}).items():
@@ -98,13 +134,11 @@ def broker(host: str, port: int) -> None:
 
 
 # ---------------------------------------------------------------- rollout
-def _rollouts(s: Settings, conn: Any, fleet_name: str, key: Path | None, fleet_db: Path | None = None):
+def _rollouts(s: Settings, conn: Any, fleet_name: str, signing: Any, fleet_db: Path | None = None):
     """The rollout driver (start, resume): it publishes, so it needs the broker and the signing key."""
     from toolkit.fleet.publish import Publisher
     from toolkit.fleet.rollout import Rollouts
-    from toolkit.signing import load_key
 
-    signing = load_key(key or s.key_path)
     s.home.mkdir(parents=True, exist_ok=True)
     return Rollouts(s.registry_path, conn, fleet_name, lambda: Publisher(conn, fleet_name, signing),
                     echo=click.echo, fleet_db=fleet_db or s.home / "fleet.db")
@@ -169,12 +203,13 @@ def _show(r: dict[str, Any]) -> None:
               help="Extra base bundles for delta patches (bundles in the registry are found automatically).")
 @click.option("--fleet-db", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/fleet.db",
               help="Telemetry database the observation window is collected into.")
+@_encrypt_option
 @rollout_options
 @click.pass_obj
 def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failures: int, timeout: float,
                   observe: float, max_error_increase: float, max_p95_increase: float, max_class_psi: float,
                   max_input_psi_increase: float, max_accuracy_drop: float, min_labels: int,
-                  delta_from: tuple[Path, ...], fleet_db: Path | None, conn: Any,
+                  delta_from: tuple[Path, ...], fleet_db: Path | None, encrypt: bool, conn: Any,
                   fleet_name: str, key: Path | None) -> None:
     """Canary wave, then the rest; halt and roll the wave back when devices fail or get worse."""
     from toolkit.fleet.rollout import Thresholds
@@ -185,8 +220,12 @@ def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failur
         raise click.BadParameter(f"{canary!r} is not a percentage", param_hint="--canary") from exc
     th = Thresholds(max_error_increase, max_p95_increase, max_class_psi, max_input_psi_increase, max_accuracy_drop,
                     min_labels)
-    r = _rollouts(s, conn, fleet_name, key, fleet_db).start(bundle, group, pct, max_failures, timeout, observe, th,
-                                                            list(delta_from))
+    from toolkit.signing import load_key
+
+    signing = load_key(key or s.key_path)
+    seal = (lambda members: _seal(s, bundle, signing, fleet_name, group=group, members=members)) if encrypt else None
+    r = _rollouts(s, conn, fleet_name, signing, fleet_db).start(bundle, group, pct, max_failures, timeout, observe,
+                                                                th, list(delta_from), seal)
     _show(r)
     if r["state"] != "completed":
         raise ToolkitError(f"rollout {r['id']} {r['state']}")
@@ -215,7 +254,9 @@ def rollout_status(s: Settings, rollout_id: int | None, as_json: bool) -> None:
 @click.pass_obj
 def rollout_resume(s: Settings, rollout_id: int, conn: Any, fleet_name: str, key: Path | None) -> None:
     """Continue a running rollout after the host process stopped."""
-    _show(_rollouts(s, conn, fleet_name, key).resume(rollout_id))
+    from toolkit.signing import load_key
+
+    _show(_rollouts(s, conn, fleet_name, load_key(key or s.key_path)).resume(rollout_id))
 
 
 @rollout.command("abort")
@@ -371,27 +412,63 @@ def fleet_report(s: Settings, db_path: Path | None, window: float, out: Path) ->
 @click.option("--devices", "inventory", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Inventory: one 'DEVICE [GROUP]' per line.")
 @click.option("--device", "device_args", multiple=True, help="DEVICE or DEVICE=GROUP (repeatable).")
+@click.option("--enrolled", is_flag=True,
+              help="The devices and host identities enrolled in HOME/ca for this fleet (revoked ones left out).")
 @click.option("--host-user", default="edgeship-host", show_default=True, help="Username of the host tools.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), show_default="stdout",
               help="Write the ACL to this file.")
-def fleet_acl(fleet_name: str, inventory: Path | None, device_args: tuple[str, ...], host_user: str,
-              out: Path | None) -> None:
+@click.pass_obj
+def fleet_acl(s: Settings, fleet_name: str, inventory: Path | None, device_args: tuple[str, ...], enrolled: bool,
+              host_user: str, out: Path | None) -> None:
     """Write the broker ACL (Mosquitto acl_file) that scopes each device to its fleet and group."""
     from agent.store import atomic_write
     from toolkit.fleet.acl import read_inventory, render
 
     devices = read_inventory(inventory) if inventory else {}
+    hosts = [host_user]
+    if enrolled:
+        from toolkit.enroll import ca_of
+
+        ca = ca_of(s)
+        rows = ca.list(fleet_name, active=True)
+        ca.close()
+        devices.update({r["name"]: r["grp"] for r in rows if r["kind"] == "device"})
+        hosts += [r["name"] for r in rows if r["kind"] == "host" and r["name"] != host_user]
     for arg in device_args:
         dev, _, grp = arg.partition("=")
         devices[dev] = grp
     if not devices:
-        raise click.UsageError("name the devices with --devices FILE or --device ID[=GROUP]")
-    text = render(fleet_name, devices, host_user)
+        raise click.UsageError("name the devices with --devices FILE, --device ID[=GROUP] or --enrolled")
+    text = render(fleet_name, devices, hosts)
     if out is None:
         click.echo(text, nl=False)
     else:
         atomic_write(out, text.encode())
         click.echo(f"wrote {out}: {len(devices)} device(s) of fleet {fleet_name!r}")
+
+
+@fleet.command("refresh")
+@mqtt_options
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/keys/signing.pem",
+              help="Signing key for the renewed desired states.")
+@click.option("--ttl", default=7 * 86400.0, show_default=True, help="Seconds a renewed desired state stays valid.")
+@click.option("--all", "renew_all", is_flag=True, help="Renew every desired state, not only those past half their TTL.")
+@_json_option
+@click.pass_obj
+def fleet_refresh(s: Settings, conn: Any, fleet_name: str, key: Path | None, ttl: float, renew_all: bool,
+                  as_json: bool) -> None:
+    """Renew the fleet's retained desired states before they expire (run it daily; docs/security.md)."""
+    from toolkit.fleet.refresh import refresh
+    from toolkit.key_rotation import trusted
+    from toolkit.signing import load_key
+
+    rows = refresh(conn, fleet_name, load_key(key or s.key_path), trusted(s), ttl, float("inf") if renew_all else None)
+    if as_json:
+        return emit_json(rows)
+    for r in rows:
+        when = time.strftime(" until %Y-%m-%d %H:%M", time.localtime(r["expires"])) if r.get("expires") else ""
+        click.echo(f"{r['topic']}: {r['action']}{when}")
+    click.echo(f"{sum(r['action'] == 'renewed' for r in rows)} of {len(rows)} desired state(s) renewed")
 
 
 def register(cli: click.Group) -> None:

@@ -43,6 +43,14 @@ class SigningKeyError(ToolkitError):
     """A signing key is missing or unreadable."""
 
 
+class IdentityError(ToolkitError):
+    """A device or host identity cannot be enrolled, found or revoked, or the fleet CA cannot be used."""
+
+
+class TrustError(ToolkitError):
+    """A root key or keyring document is missing, not signed by the root, or not newer than the current one."""
+
+
 class RegistryError(ToolkitError):
     """The build registry cannot be opened or written."""
 

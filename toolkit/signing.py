@@ -45,14 +45,15 @@ def generate_key(path: str | Path, force: bool = False) -> SigningKey:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    _write_private(path, pem)
+    write_private(path, pem)
     from agent.store import atomic_write
 
     atomic_write(pub, encode_public_key(raw).encode())  # rename over whatever is there, links included
     return SigningKey(key, raw, path)
 
 
-def _write_private(path: Path, pem: bytes) -> None:
+def write_private(path: Path, pem: bytes) -> None:
+    """A secret (a private key) into ``path``: a file only we created, 0600, then renamed into place."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +51,28 @@ def state_summary(state_dir: Path) -> dict[str, Any] | None:
 
 
 def accept(st: dict[str, Any], topic: str, payload: bytes, keyring: Keyring, device: str,
-           group: str) -> tuple[Desired, dict[str, Any]] | None:
+           group: str, require_expiry: bool = False) -> tuple[Desired, dict[str, Any]] | None:
     """Check a desired-state message and record it in ``st`` (the caller saves it). None: the same message
-    again, or superseded by the other desired topic. ProtocolError: not signed by a trusted key, not for this
-    device, or stale (older than what this topic already said: a replay, or a broker restoring old state)."""
+    again, a refresh of it (its later expiry is recorded), or superseded by the other desired topic.
+    ProtocolError: not signed by a trusted key, not for this device, expired (or, with ``require_expiry``,
+    without an expiry), or stale (older than what this topic already said: a replay, or a broker restoring
+    old state)."""
     d, doc = parse_desired(payload, topic, keyring)
     if d.target not in (f"device:{device}", f"group:{group}"):
         raise ProtocolError(f"{topic}: desired state for {d.target!r}, not for this device")
+    if d.expires is None and require_expiry:
+        raise ProtocolError(f"{topic}: desired state {d.model} v{d.version} has no expiry: ignored (publish "
+                            f"it with an edgeship that sets one)")
+    if d.expires is not None and d.expires < time.time():
+        raise ProtocolError(f"{topic}: desired state {d.model} v{d.version} expired at {_utc(d.expires)}: "
+                            f"ignored (the host renews desired states: edgeship fleet refresh)")
     seen = st.setdefault("topic_seq", {}).get(topic, 0)
     if d.seq < seen:
         raise ProtocolError(f"{topic}: stale desired state {d.model} v{d.version} (seq {d.seq} < {seen}) ignored")
+    held = st.get("desired") or {}
+    if d.seq == seen and held.get("seq") == d.seq and d.expires and _same(held, doc):
+        held["expires"] = max(d.expires, held.get("expires") or 0)  # a refresh: the same state, renewed
+        return None
     if d.seq <= st.get("seq", 0):
         log.info("desired state %s v%d already handled or superseded", d.model, d.version)
         return None
@@ -68,6 +81,28 @@ def accept(st: dict[str, Any], topic: str, payload: bytes, keyring: Keyring, dev
         st["topic_seq"] = dict(sorted(st["topic_seq"].items(), key=lambda kv: kv[1])[-MAX_TOPICS:])
     st["desired"] = doc
     return d, doc
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The same desired state, whatever its expiry and signature (a refresh may be signed by a newer key)."""
+    def strip(doc: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in doc.items() if k not in ("expires", "sig", "key_id")}
+    return strip(a) == strip(b)
+
+
+def expired(st: dict[str, Any], now: float | None = None) -> str:
+    """Why the desired state this device follows is stale ('' when it is not): its expiry passed and the
+    host did not renew it (the host is down, or someone withholds newer states: a freeze attack)."""
+    doc = st.get("desired") or {}
+    exp = doc.get("expires")
+    if not exp or (now or time.time()) <= exp:
+        return ""
+    return (f"desired state {doc.get('model')} v{doc.get('version')} expired at {_utc(exp)} and was not renewed; "
+            f"still serving what is installed")
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def pending(st: dict[str, Any]) -> Desired | None:

@@ -4,7 +4,10 @@ fetches bundles (``transfer``), hands them to the install engine and reports bac
 paho's callbacks run on its network thread and only enqueue; one worker thread does the real work.
 What it reports is derived from what the agent serves: at start-up (after a crash in any install state)
 and whenever the served model changes, the link reconciles its state with the active slot's bundle.
-The MQTT client id is the broker identity (the username), so no other login can take the session over.
+The MQTT client id is the broker identity (the username, or the device id that its certificate names), so no
+other login can take the session over. With a root-anchored keyring (agent.trust.Trust) the link also follows
+the fleet's retained keyring document; once a new one is accepted, everything is verified against it.
+A desired state whose expiry passed without a renewal is reported (the agent keeps serving).
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ from typing import Any
 
 from agent.errors import ProtocolError
 from agent.fleet import delta
-from agent.fleet.desired import accept, count_attempt, failure, gave_up, load_state, pending, save_state
+from agent.fleet.desired import (accept, count_attempt, expired, failure, gave_up, load_state, pending,
+                                 save_state)
 from agent.install import describe
 from agent.fleet.mqtt import Broker, make_client
-from agent.fleet.protocol import (Desired, device_topic, encode, group_topic, parse_capture_request, presence_doc,
-                                   reported_doc)
+from agent.fleet.protocol import (Desired, device_topic, encode, group_topic, keyring_topic, parse_capture_request,
+                                  presence_doc, reported_doc)
 from agent.fleet.reporter import Reporter, TelemetryConfig
 from agent.fleet.transfer import Transfer
 from agent.keys import Keyring
 from agent.serve.service import Agent
+from agent.trust import Trust
 
 log = logging.getLogger(__name__)
+CHECK_S = 60.0  # how often an idle link checks whether its desired state expired
 
 
 class FleetLink:
@@ -45,6 +51,9 @@ class FleetLink:
         self.capture_topics = ({device_topic(fleet, device_id, "capture_request")} | (
             {group_topic(fleet, group, "capture_request")} if group else set())) if agent.capture else set()
         self._capture_seq = 0
+        self.trust = keyring if isinstance(keyring, Trust) else None  # follows the fleet's keyring
+        self.keyring_topic = keyring_topic(fleet) if self.trust else None
+        self._stale = ""  # the expiry note last reported
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, msg: self.q.put((msg.topic, msg.payload))
         self.transfer = Transfer(agent, self.client, fleet, agent.store.dir / "downloads", self._install)
@@ -82,7 +91,8 @@ class FleetLink:
             return
         presence = self.reporter.presence() if self.reporter else encode(presence_doc(True))
         client.publish(device_topic(self.fleet, self.device, "presence"), presence, qos=1, retain=True)
-        client.subscribe([(t, 1) for t in sorted(self.desired_topics | self.capture_topics)])
+        keyring = [(self.keyring_topic, 1)] if self.keyring_topic else []  # first: it decides what is trusted
+        client.subscribe(keyring + [(t, 1) for t in sorted(self.desired_topics | self.capture_topics)])
         self.q.put(("$resume", b""))
         if self.reporter:
             self.reporter.wake()
@@ -91,11 +101,22 @@ class FleetLink:
 
     # ------------------------------------------------------------ worker
     def _work(self) -> None:
-        while (item := self.q.get()) is not None:
+        while True:
+            try:
+                item = self.q.get(timeout=CHECK_S)
+            except queue.Empty:
+                item = ("$check", b"")
+            if item is None:
+                return
             topic, payload = item
             self.transfer.count(topic, payload)
             try:
-                if topic == "$resume":
+                if topic == "$check":
+                    if expired(self._load()) != self._stale:
+                        self._report()
+                elif topic == self.keyring_topic:
+                    self._on_keyring(topic, payload)
+                elif topic == "$resume":
                     self._report()
                     self._resume()
                 elif topic == "$swap":
@@ -111,7 +132,7 @@ class FleetLink:
                     self.transfer.on_chunk(topic, payload)
             except ProtocolError as exc:
                 log.warning("ignored message: %s", exc)
-                if topic in self.desired_topics:
+                if topic in self.desired_topics or topic == self.keyring_topic:
                     self._report(error=str(exc))
             except Exception as exc:  # the link must survive anything a broker sends, or a full disk
                 log.exception("error handling %s", topic)
@@ -162,12 +183,26 @@ class FleetLink:
     def _save(self, doc: dict[str, Any]) -> None:
         save_state(self.agent.store.dir, doc)
 
+    def _on_keyring(self, topic: str, payload: bytes) -> None:
+        if not payload or self.trust is None or self.trust.offer(payload, topic) is None:
+            return
+        self._report()
+        # desired states signed by a key this keyring added may have been refused before it came: the
+        # broker sends the retained ones again for a repeated subscription
+        self.client.subscribe([(t, 1) for t in sorted(self.desired_topics)])
+
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
         st = self._load()
-        accepted = accept(st, topic, payload, self.keyring, self.device, self.group)
+        before = st.get("desired", {}).get("expires") if st.get("desired") else None
+        accepted = accept(st, topic, payload, self.keyring, self.device, self.group,
+                          require_expiry=self.trust is not None)
         if accepted is None:
+            if st.get("desired") and st["desired"].get("expires") != before:  # renewed by the host
+                self._save(st)
+                if self._stale:
+                    self._report()
             return
         d, _ = accepted
         self._save(st)
@@ -271,13 +306,17 @@ class FleetLink:
 
     def _report(self, error: str = "") -> None:
         cur, st = self.agent.current, self._load()
+        self._stale = expired(st)
         doc = reported_doc(self.device, self.group, cur.manifest.name if cur else None,
                            cur.manifest.version if cur else None, self.agent.installed_sha256(), st.get("seq", 0),
-                           self.status, error or self.error, self.last_transfer, delta.available())
+                           self.status, error or self.error or self._stale, self.last_transfer, delta.available())
         self.client.publish(device_topic(self.fleet, self.device, "reported"), encode(doc), qos=1, retain=True)
 
 
 def client_id(broker: Broker, fleet: str, device: str) -> str:
-    """The MQTT client id: the authenticated identity (the username, which Mosquitto enforces with
-    use_username_as_clientid), so one device's login cannot take over another device's session."""
-    return broker.username or f"edgeship-{fleet}-{device}"
+    """The MQTT client id: the authenticated identity (the username, or with a client certificate the device
+    id its certificate names — Mosquitto enforces either with use_username_as_clientid), so one device's
+    login cannot take over another device's session."""
+    if broker.username:
+        return broker.username
+    return device if broker.cert_file else f"edgeship-{fleet}-{device}"

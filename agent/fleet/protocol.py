@@ -13,6 +13,7 @@ sides agree by construction. docs/protocol.md documents every field the builders
     label       label_doc        parse_label       device (a field label, through its own outbox)
     capture_request  capture_request_doc  parse_capture_request  host (signed, retained)
     capture     capture_wire.pack  capture_wire.parse_capture  device (binary: captured predictions)
+    keyring     keyring_doc      parse_keyring     host (signed by the root key with sign_message, retained)
 
 Parsers trust nothing: sizes, types, ranges and list lengths are checked, and ProtocolError names the
 topic and the field.
@@ -30,7 +31,7 @@ from typing import Any, Callable
 
 from agent.errors import AgentError, ProtocolError
 from agent.fleet.fields import Fields, is_sha
-from agent.keys import Keyring
+from agent.keys import Keyring, key_id
 from agent.manifest import canonical_json
 
 VERSION = 1
@@ -60,6 +61,11 @@ def group_topic(fleet: str, group: str, kind: str = "desired") -> str:
 def bundle_topic(fleet: str, sha256: str) -> str:
     """Prefix of a bundle's transfer topics: ``.../index`` and ``.../chunk/{i}``."""
     return f"{PREFIX}/{fleet}/bundle/{sha256}"
+
+
+def keyring_topic(fleet: str) -> str:
+    """The fleet's retained keyring document (the signing keys the root trusts, see agent.trust)."""
+    return f"{PREFIX}/{fleet}/keyring"
 
 
 def delta_topic(fleet: str, sha256: str, base_sha256: str) -> str:
@@ -130,6 +136,7 @@ class Desired:
     target: str = ""
     url: str = ""
     rollback_to: int | None = None
+    expires: float | None = None  # unix time after which the state is stale (None: a state from before expiry)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any], topic: str) -> "Desired":
@@ -139,17 +146,29 @@ class Desired:
         if target and not target.startswith(("device:", "group:")):
             raise ProtocolError(f"{topic}: target must be device:ID or group:NAME, got {target!r:.60}")
         return cls(f.str("model"), f.int("version"), f.sha("bundle_sha256"), f.int("bundle_size", 1),
-                   f.int("seq"), target, f.str("url", "", 2000), f.int("rollback_to", default=None))
+                   f.int("seq"), target, f.str("url", "", 2000), f.int("rollback_to", default=None),
+                   f.num("expires", None, 0))
 
 
 def desired_doc(model: str, version: int, sha256: str, size: int, target: str, url: str = "",
-                rollback_to: int | None = None) -> dict[str, Any]:
-    """A desired state for ``target`` (``device:ID`` or ``group:NAME``); sign it with sign_message."""
+                rollback_to: int | None = None, ttl: float | None = None) -> dict[str, Any]:
+    """A desired state for ``target`` (``device:ID`` or ``group:NAME``); sign it with sign_message.
+    ``ttl``: seconds until it expires (the host refreshes it before; see refreshed)."""
     doc = {"type": "desired", "model": model, "version": version, "bundle_sha256": sha256, "bundle_size": size,
            "target": target, "seq": time.time_ns(), "url": url}
     if rollback_to is not None:
         doc["rollback_to"] = rollback_to
+    if ttl is not None:
+        doc["expires"] = round(time.time() + ttl, 3)
     return doc
+
+
+def refreshed(doc: dict[str, Any], ttl: float) -> dict[str, Any]:
+    """The same desired state (same seq: devices that handled it do not act again) with a later expiry;
+    sign it with sign_message."""
+    body = {k: v for k, v in doc.items() if k not in ("sig", "key_id", "v")}
+    body["expires"] = round(time.time() + ttl, 3)
+    return body
 
 
 def parse_desired(payload: bytes, topic: str, keyring: Keyring) -> tuple[Desired, dict[str, Any]]:
@@ -458,3 +477,47 @@ def parse_capture_request(payload: bytes, topic: str, keyring: Keyring) -> Captu
         raise ProtocolError(f"{topic}: url must be an http:// or https:// URL, got {url!r:.60}")
     return CaptureRequest(target, f.int("seq"), f.num("t", lo=0) + 60 * f.num("minutes", lo=0, hi=MAX_CAPTURE_MINUTES),
                           url)
+
+
+# ---------------------------------------------------------------- keyring
+MAX_KEYS = 64  # signing keys one keyring may trust
+MAX_REVOKED = 1024
+
+
+@dataclass(frozen=True)
+class KeyringDoc:
+    """The signing keys the fleet's root key trusts (by key id), as of ``version``, until ``expires``;
+    ``revoked``: key ids the root withdrew (kept so devices can say why they refuse a signature)."""
+
+    version: int
+    expires: float
+    keys: dict[str, bytes]
+    revoked: tuple[str, ...]
+
+
+def keyring_doc(version: int, keys: dict[str, bytes], expires: float, revoked: list[str] = ()) -> dict[str, Any]:
+    """``keys``: {key id: raw Ed25519 public key}. Sign it with the ROOT key (sign_message)."""
+    return {"type": "keyring", "version": version, "expires": round(expires, 3),
+            "keys": [{"key_id": k, "public": base64.b64encode(raw).decode()} for k, raw in sorted(keys.items())],
+            "revoked": sorted(set(revoked))}
+
+
+def parse_keyring(payload: bytes, topic: str, root: Keyring) -> KeyringDoc:
+    """A keyring document signed by the root key (``root``: a keyring holding only the root public key)."""
+    f = Fields(parse_message(payload, topic, root, expect_type="keyring"), topic)
+    keys: dict[str, bytes] = {}
+    for k in f.items("keys", MAX_KEYS):
+        try:
+            raw = base64.b64decode(k.str("public"), validate=True)
+        except ValueError as exc:
+            raise ProtocolError(f"{k.where}: public is not base64") from exc
+        if len(raw) != 32 or k.str("key_id") != key_id(raw):
+            raise ProtocolError(f"{k.where}: not a 32-byte Ed25519 key matching its key_id")
+        keys[key_id(raw)] = raw
+    revoked = f.raw("revoked", [])
+    if (not isinstance(revoked, list) or len(revoked) > MAX_REVOKED
+            or not all(isinstance(r, str) and len(r) == 16 for r in revoked)):
+        raise ProtocolError(f"{topic}: revoked must be a list of at most {MAX_REVOKED} key ids")
+    if not keys or set(keys) & set(revoked):
+        raise ProtocolError(f"{topic}: a keyring trusts at least one key and none it revokes")
+    return KeyringDoc(f.int("version", 1), f.num("expires", lo=0), keys, tuple(revoked))

@@ -78,7 +78,7 @@ class Transfer:
         if p["base"]:
             meta = idx.delta
             if (meta is None or meta.target_sha256 != d.sha256 or meta.target_size != d.size
-                    or meta.base_sha256 != p["base"] or meta.codec != delta.CODEC):
+                    or meta.base_sha256 != p["base"] or meta.codec not in delta.CODECS):
                 raise ProtocolError(f"{topic}: delta index does not match the desired bundle")
         elif idx.sha256 != d.sha256 or idx.size != d.size:
             raise ProtocolError(f"{topic}: index does not match the desired bundle")
@@ -173,7 +173,13 @@ class Transfer:
         base = self._base_content()
         if hashlib.sha256(base).hexdigest() != p["base"]:
             raise DeltaError("the bundle the patch is based on is no longer active")
-        data = delta.apply_patch(base, patch.read_bytes(), d.sha256, d.size, p["index"].delta.window_log)
+        meta = p["index"].delta
+        if meta.codec == delta.SEALED_CODEC:  # an encrypted bundle: the patch is of its plaintext
+            engine = self.agent.engine
+            data = delta.apply_sealed_patch(base, patch.read_bytes(), d.sha256, d.size, meta.window_log,
+                                            engine.keyring, engine.opener, engine.limits.max_manifest_bytes)
+        else:
+            data = delta.apply_patch(base, patch.read_bytes(), d.sha256, d.size, meta.window_log)
         atomic_write(bundle, data, durable=False)  # verified again by the install engine
 
     # ------------------------------------------------------------ HTTP(S)

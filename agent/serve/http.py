@@ -6,6 +6,8 @@
   ``.../infer``. The real ``tritonclient[http]`` works with its default settings.
 - The simple ``POST /predict`` {"input": [...]} -> {"prediction": [...]} of hand-written Flask servers.
 - ``GET /metrics`` in Prometheus text format.
+With a token (``[http] token_file``), every endpoint needs ``Authorization: Bearer <token>`` (401 without it);
+with ``[http] tls_cert``/``tls_key`` the API is HTTPS. Both matter only when the API is bound beyond 127.0.0.1.
 Bad input gets a 4xx naming what was expected; a model that fails or answers NaN/Inf gets a 500; no
 answer ever contains a NaN literal. The transport (limits, timeouts, connection cap) is ``server.py``.
 """
@@ -13,6 +15,7 @@ answer ever contains a NaN literal. The transport (limits, timeouts, connection 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import re
 import threading
@@ -24,7 +27,7 @@ import numpy as np
 from agent import __version__
 from agent.errors import AgentError, CapacityError, HTTPError, InputError, NotReadyError
 from agent.serve import v2
-from agent.serve.server import Request, Response, Server, ServerSettings, error
+from agent.serve.server import Request, Response, Server, ServerSettings, error, tls_context
 from agent.serve.service import Agent, Loaded
 
 log = logging.getLogger(__name__)
@@ -37,11 +40,16 @@ _FIXED = {"/v2": ("GET",), "/v2/health/live": ("GET",), "/v2/health/ready": ("GE
 class App:
     """``handle(Request) -> Response`` for the agent's HTTP API."""
 
-    def __init__(self, agent: Agent, max_body_bytes: int = 16 << 20):
+    def __init__(self, agent: Agent, max_body_bytes: int = 16 << 20, token: str | None = None):
         self.agent, self.max_body = agent, max_body_bytes
+        self._token = f"Bearer {token}".encode() if token else None
 
     def handle(self, req: Request) -> Response:
         path = req.target.split("?", 1)[0]
+        if self._token is not None and not hmac.compare_digest(
+                req.headers.get("authorization", "").strip().encode("latin-1", "replace"), self._token):
+            return error(401, "this API needs a bearer token: send 'Authorization: Bearer <token>' (the agent's "
+                              "[http] token_file)", www_authenticate='Bearer realm="edgeship-agent"')
         try:
             return self._route(req, path)
         except HTTPError as exc:
@@ -202,11 +210,17 @@ def settings_of(cfg: Any) -> ServerSettings:
 
 
 def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8080, max_body_bytes: int | None = None,
-                settings: ServerSettings | None = None) -> Server:
+                settings: ServerSettings | None = None, token: str | None = None,
+                tls: tuple[str, str] | None = None) -> Server:
+    """``token``: require it as a bearer token; ``tls``: (certificate file, key file) to serve HTTPS."""
     settings = settings or ServerSettings()
     if max_body_bytes is not None:
         settings = ServerSettings(**{**settings.__dict__, "max_body_bytes": max_body_bytes})
-    return Server(App(agent, settings.max_body_bytes).handle, host, port, settings)
+    if host not in ("127.0.0.1", "::1", "localhost") and not token:
+        log.warning("the HTTP API on %s is open to anyone who can reach it: set [http] token_file (and tls_cert)",
+                    host)
+    return Server(App(agent, settings.max_body_bytes, token).handle, host, port, settings,
+                  tls_context(*tls) if tls else None)
 
 
 def serve_in_thread(server: Server) -> threading.Thread:

@@ -11,6 +11,10 @@ broken clients, each a setting with a default (``ServerSettings``):
 - at most ``max_connections`` connections; the ones beyond get a JSON 503 from a few refusal threads
   (and are simply closed if those are busy too); a listen ``backlog`` large enough for bursts.
 
+With an ``ssl.SSLContext`` (``tls_context``) every connection is HTTPS: the handshake runs on the
+connection's own thread, bounded by ``read_timeout``, so a client that never finishes it holds one slot
+for that long and never blocks the accept loop.
+
 Requests are handled on the connection's own thread (no hand-off between threads: see the comparison
 in docs/benchmarks.md), so concurrent requests run in parallel up to the interpreter pool's size.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -75,8 +80,8 @@ class Server:
     """``handler(Request) -> Response`` served on ``host:port`` (0 = any free port)."""
 
     def __init__(self, handler: Callable[[Request], Response], host: str, port: int,
-                 settings: ServerSettings = ServerSettings()):
-        self.handler, self.settings = handler, settings
+                 settings: ServerSettings = ServerSettings(), ssl_context: ssl.SSLContext | None = None):
+        self.handler, self.settings, self.ssl_context = handler, settings, ssl_context
         self._listen = socket.create_server((host, port), backlog=settings.backlog)
         self.server_address = self._listen.getsockname()[:2]
         self._lock = threading.Lock()
@@ -133,8 +138,22 @@ class Server:
         self._listen.close()
 
     # ------------------------------------------------------------ connections
+    def _secure(self, sock: socket.socket) -> socket.socket | None:
+        """The TLS handshake (when serving HTTPS), within read_timeout; None when it failed (closed)."""
+        if self.ssl_context is None:
+            return sock
+        sock.settimeout(self.settings.read_timeout)
+        try:
+            return self.ssl_context.wrap_socket(sock, server_side=True)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; a timeout too
+            log.debug("TLS handshake failed: %s", exc)
+            sock.close()
+            return None
+
     def _refuse(self, sock: socket.socket) -> None:
         try:
+            if (sock := self._secure(sock)) is None:  # type: ignore[assignment]
+                return
             sock.settimeout(1.0)
             try:
                 sock.recv(self.settings.max_header_bytes)  # usually the request: reading it avoids a reset
@@ -158,6 +177,8 @@ class Server:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=s.max_header_bytes)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if (sock := self._secure(sock)) is None:  # type: ignore[assignment]
+                return
             first = True
             while not self._stop.is_set():
                 try:
@@ -264,6 +285,19 @@ class Server:
         else:
             for part in out:
                 sock.sendall(part)
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context (TLS 1.2 or later) for the certificate and key files."""
+    from agent.errors import ConfigError
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"http.tls_cert/http.tls_key ({cert_file}, {key_file}): cannot load them ({exc})") from exc
+    return ctx
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -91,13 +91,15 @@ class Agent:
 
     def __init__(self, state_dir: Path, keyring: Keyring, arch: str, threads: int | None = None,
                  faults: dict[str, str] | None = None, limits: Limits = Limits(), profile: str | None = None,
-                 interpreters: int | None = None, max_sequences: int = 16, sequence_idle_timeout: float = 60.0):
+                 interpreters: int | None = None, max_sequences: int = 16, sequence_idle_timeout: float = 60.0,
+                 opener: Any = None):
+        """``keyring``: a Keyring or an agent.trust.Trust; ``opener``: the model key for sealed bundles."""
         self.store = Store(state_dir)
         self.threads = threads
         self.interpreters = interpreters or os.cpu_count() or 1
         self.max_sequences, self.sequence_idle_timeout = max_sequences, sequence_idle_timeout
         self.engine = Engine(self.store, keyring, Device(arch, threads, profile), on_commit=self._swap,
-                             faults=faults, limits=limits)
+                             faults=faults, limits=limits, opener=opener)
         self.on_swap: list[Callable[[], None]] = []  # called after the served model changed (the link re-reports)
         self._installed: tuple[str, str | None] | None = None  # (served slot, its bundle's sha256), read on swap
         self.metrics = Metrics()
@@ -172,10 +174,13 @@ class Agent:
         """What this agent serves (not what the state file meant to do) and its update state."""
         doc = self.store.load()
         cur = self._current
-        return {"active": cur.slot if cur else None, "previous": doc.get("previous"),
-                "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
-                "installed_sha256": self.installed_sha256(),
-                "update": doc.get("update"), "last_update": doc.get("last_update")}
+        out = {"active": cur.slot if cur else None, "previous": doc.get("previous"),
+               "model": cur.manifest.name if cur else None, "version": cur.manifest.version if cur else None,
+               "installed_sha256": self.installed_sha256(),
+               "update": doc.get("update"), "last_update": doc.get("last_update")}
+        if hasattr(self.engine.keyring, "status"):  # a root-anchored keyring (agent.trust.Trust)
+            out["keyring"] = self.engine.keyring.status()
+        return out
 
     def _swap(self, slot: str | None, model: Model | None = None) -> None:
         """Point new requests at ``slot``; ``model`` is reused when the engine already loaded it."""

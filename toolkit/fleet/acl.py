@@ -1,8 +1,10 @@
 """The broker ACL of a fleet (Mosquitto ``acl_file`` syntax), written from the device inventory.
 
-Each device logs in with username = device id, which is also its client id (``use_username_as_clientid``).
-It may read its own and its group's desired state and capture requests and its fleet's bundles, and write
-its own reported state, presence, telemetry, captured predictions and field labels — nothing of another fleet or group. Mosquitto's ``%u``/``%c`` patterns
+Each device logs in with username = device id (a password login, or the common name of its certificate with
+``use_identity_as_username``), which is also its client id (``use_username_as_clientid``). It may read its
+own and its group's desired state and capture requests, its fleet's keyring and bundles, and write its own
+reported state, presence, telemetry, captured predictions and field labels — nothing of another fleet or
+group. Mosquitto's ``%u``/``%c`` patterns
 can pin a topic level to the login but cannot know which fleet or group a device belongs to, so the
 host writes one ``user`` block per device. The host tools' user may read and write the fleet's topics.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agent.fleet.protocol import bundle_topic, device_topic, group_topic
+from agent.fleet.protocol import bundle_topic, device_topic, group_topic, keyring_topic
 from toolkit.errors import ToolkitError
 
 HOST_USER = "edgeship-host"
@@ -26,22 +28,29 @@ def device_block(fleet: str, device: str, group: str = "") -> list[str]:
     lines.append(f"topic read {device_topic(fleet, device, 'capture_request')}")
     if group:
         lines += [f"topic read {group_topic(fleet, group)}", f"topic read {group_topic(fleet, group, 'capture_request')}"]
-    lines.append(f"topic read {bundle_topic(fleet, '#')}")
+    lines += [f"topic read {keyring_topic(fleet)}", f"topic read {bundle_topic(fleet, '#')}"]
     return lines
 
 
-def render(fleet: str, devices: dict[str, str], host_user: str = HOST_USER) -> str:
-    """The ACL text for ``devices`` ({device id: group or ""}) of ``fleet``."""
-    for what, name in [("fleet", fleet), ("host user", host_user), *(("device", d) for d in devices),
+def check_level(what: str, name: str) -> None:
+    if not _LEVEL.match(name):
+        raise ToolkitError(f"{what} {name!r}: use letters, digits, '.', '_' or '-' (it becomes a topic level "
+                           f"and a broker username)")
+
+
+def render(fleet: str, devices: dict[str, str], host_user: str | list[str] = HOST_USER) -> str:
+    """The ACL text for ``devices`` ({device id: group or ""}) of ``fleet``; ``host_user``: the host tools'
+    username(s)."""
+    hosts = [host_user] if isinstance(host_user, str) else list(host_user)
+    for what, name in [("fleet", fleet), *(("host user", h) for h in hosts), *(("device", d) for d in devices),
                        *(("group", g) for g in devices.values() if g)]:
-        if not _LEVEL.match(name):
-            raise ToolkitError(f"{what} {name!r}: use letters, digits, '.', '_' or '-' (it becomes a topic level "
-                               f"and a broker username)")
-    if host_user in devices:
-        raise ToolkitError(f"device {host_user!r} has the host tools' username")
+        check_level(what, name)
+    if set(hosts) & set(devices):
+        raise ToolkitError(f"device {sorted(set(hosts) & set(devices))[0]!r} has a host tools' username")
     out = [f"# edgeship ACL for fleet {fleet!r}: written by `edgeship fleet acl` (docs/protocol.md, Broker);",
-           "# reload the broker after changing it (systemctl reload mosquitto).", "",
-           f"user {host_user}", f"topic readwrite edgeship/v1/{fleet}/#"]
+           "# reload the broker after changing it (systemctl reload mosquitto).", ""]
+    for h in hosts:
+        out += [f"user {h}", f"topic readwrite edgeship/v1/{fleet}/#"]
     for device, group in sorted(devices.items()):
         out += ["", *device_block(fleet, device, group)]
     return "\n".join(out) + "\n"

@@ -1,5 +1,6 @@
 """`edgeship publish`: put a bundle on the broker as content-addressed chunks and set the signed,
-retained desired state of a device or group."""
+retained desired state of a device or group. Desired states expire after ``ttl`` (DESIRED_TTL) unless
+renewed (`edgeship fleet refresh`): a device never follows a captured old one forever."""
 
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from toolkit.errors import BundleError, ToolkitError
 from toolkit.signing import SigningKey
 
 
+DESIRED_TTL = 7 * 86400.0  # seconds a desired state stays valid without a refresh
+
+
 class Publisher:
     """One connection to the broker for uploading bundles and setting desired states."""
 
-    def __init__(self, broker: Broker, fleet: str, key: SigningKey, timeout: float = 120):
-        self.broker, self.fleet, self.key, self.timeout = broker, fleet, key, timeout
+    def __init__(self, broker: Broker, fleet: str, key: SigningKey, timeout: float = 120,
+                 ttl: float = DESIRED_TTL):
+        self.broker, self.fleet, self.key, self.timeout, self.ttl = broker, fleet, key, timeout, ttl
         self.client = make_client(f"edgeship-publisher-{time.time_ns()}", broker)
         connect_blocking(self.client, broker, min(timeout, 15.0))
 
@@ -42,18 +47,26 @@ class Publisher:
         infos.append(self.client.publish(f"{prefix}/index", encode(idx), qos=1, retain=True))
         return infos
 
-    def upload(self, bundle: Path, bases: list[Path] = ()) -> dict[str, Any]:
+    def upload(self, bundle: Path, bases: list[Path] = (), sealed: Any = None) -> dict[str, Any]:
         """Retained chunks + index (content-addressed: uploading twice is harmless), plus a delta
-        against each bundle in ``bases``, when smaller than the full bundle."""
+        against each (plain) bundle in ``bases``, when smaller than the full bundle. ``sealed``: the
+        toolkit.fleet.sealing.Sealed that ``bundle`` is (its deltas are made from the plaintext)."""
         doc, _ = inspect_bundle(bundle)
         data = bundle.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
+        if "encryption" in doc and bases and (sealed is None or sealed.sha256 != sha):
+            bases = []  # an encrypted bundle sealed before: its data key is gone, so full bundles only
         infos, deltas = [], {}
         for base in bases:
-            p = delta.make_patch(base_content(base), data)
+            if sealed is not None:
+                p = delta.make_sealed_patch(base_content(base), data, sealed.manifest, sealed.signature,
+                                            sealed.payload, sealed.data_key)
+            else:
+                p = delta.make_patch(base_content(base), data)
             if len(p["patch"]) >= len(data) or p["base_sha256"] in deltas:
                 continue  # not smaller: devices on that version take the full bundle
-            idx = index_doc(p["patch"], delta=Patch(sha, len(data), p["base_sha256"], delta.CODEC, p["window_log"]))
+            codec = delta.SEALED_CODEC if sealed is not None else delta.CODEC
+            idx = index_doc(p["patch"], delta=Patch(sha, len(data), p["base_sha256"], codec, p["window_log"]))
             infos += self._put(delta_topic(self.fleet, sha, p["base_sha256"]), p["patch"], idx)
             deltas[p["base_sha256"]] = len(p["patch"])
         idx = index_doc(data, deltas=list(deltas))
@@ -65,7 +78,7 @@ class Publisher:
     def desire(self, model: str, version: int, sha256: str, size: int, device: str | None = None,
                group: str | None = None, url: str = "", rollback_to: int | None = None) -> str:
         target = f"device:{device}" if device else f"group:{group}"
-        desired = desired_doc(model, version, sha256, size, target, url, rollback_to)
+        desired = desired_doc(model, version, sha256, size, target, url, rollback_to, self.ttl)
         topic = device_topic(self.fleet, device, "desired") if device else group_topic(self.fleet, group or "")
         payload = sign_message(desired, self.key.key_id, self.key.sign)
         self.retain(topic, payload)
@@ -83,6 +96,8 @@ def base_content(bundle: Path) -> bytes:
     import tarfile
 
     doc, _ = inspect_bundle(bundle)
+    if "encryption" in doc:
+        raise BundleError(f"{bundle} is encrypted: give the plain bundle it was sealed from as the delta base")
     try:
         with tarfile.open(bundle) as tar:
             def read(path: str) -> bytes:
@@ -97,11 +112,12 @@ def base_content(bundle: Path) -> bytes:
 
 def publish(bundle: Path, broker: Broker, fleet: str, key: SigningKey, device: str | None = None,
             group: str | None = None, timeout: float = 120, url: str = "",
-            delta_from: list[Path] = ()) -> dict[str, Any]:
-    """With ``url`` (the bundle on object storage / a CDN) only the signed desired state goes over MQTT."""
+            delta_from: list[Path] = (), sealed: Any = None, ttl: float = DESIRED_TTL) -> dict[str, Any]:
+    """With ``url`` (the bundle on object storage / a CDN) only the signed desired state goes over MQTT.
+    ``sealed``: ``bundle`` is this sealed copy (toolkit.fleet.sealing.seal_bundle)."""
     if bool(device) == bool(group):
         raise ToolkitError("publish needs exactly one of --device or --group")
-    pub = Publisher(broker, fleet, key, timeout)
+    pub = Publisher(broker, fleet, key, timeout, ttl)
     try:
         if url:
             doc, _ = inspect_bundle(bundle)
@@ -109,7 +125,7 @@ def publish(bundle: Path, broker: Broker, fleet: str, key: SigningKey, device: s
             info = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "chunks": 0,
                     "model": doc["name"], "version": doc["version"]}
         else:
-            info = pub.upload(bundle, list(delta_from))
+            info = pub.upload(bundle, list(delta_from), sealed)
         topic = pub.desire(info["model"], info["version"], info["sha256"], info["size"], device, group, url)
     finally:
         pub.close()

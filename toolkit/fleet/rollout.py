@@ -68,8 +68,10 @@ class Rollouts:
 
     def _delta_bases(self, members: list[dict[str, Any]], extra: list[Path]) -> list[Path]:
         """Bundles the group runs now (found in the build registry) plus ``extra``: publish deltas against them."""
+        from toolkit.fleet.sealing import plain_paths
+
         shas = {d.get("installed_sha256") for d in members} - {None}
-        found = []
+        found = plain_paths(self.db, shas)  # devices that run an encrypted bundle patch its plaintext
         try:
             for (path,) in self.db.execute(f"SELECT bundle_path FROM builds WHERE bundle_sha256 IN "
                                            f"({','.join('?' * len(shas))})", sorted(shas)):
@@ -97,7 +99,8 @@ class Rollouts:
 
     def start(self, bundle: Path, group: str, canary_pct: float, max_failures: int = 0,
               timeout: float = 300, observe: float = 0.0, thresholds: Thresholds = Thresholds(),
-              delta_from: list[Path] = ()) -> dict[str, Any]:
+              delta_from: list[Path] = (), seal: Callable[[list[str]], Any] | None = None) -> dict[str, Any]:
+        """``seal(devices)``: encrypt the bundle for the group's devices (returns a sealing.Sealed)."""
         members = [d for d in devices(self.broker, self.fleet) if d.get("group") == group]
         if not members:
             raise ToolkitError(f"group {group!r} has no devices reporting in fleet {self.fleet!r}")
@@ -111,9 +114,13 @@ class Rollouts:
         names = online
         n_canary = max(1, math.ceil(len(names) * canary_pct / 100))
         waves = [names[:n_canary]] + ([names[n_canary:]] if names[n_canary:] else [])
+        sealed = seal([d["device"] for d in members]) if seal else None
+        if sealed is not None:
+            self.echo(f"encrypted for {sealed.recipients} device(s): {sealed.path}")
+            bundle = sealed.path
         pub = self.pub_factory()
         try:
-            info = pub.upload(bundle, self._delta_bases(members, list(delta_from)))
+            info = pub.upload(bundle, self._delta_bases(members, list(delta_from)), sealed)
         finally:
             pub.close()
         for base, size in info["deltas"].items():
