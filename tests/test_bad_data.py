@@ -56,7 +56,8 @@ def test_reference_below_chance_fails_the_gate_and_takes_no_version(digits, fp32
     args = ["--home", str(home), "build", str(digits["model"]), "-p", str(fp32_only), "--quick", "-o", str(out)]
     res = CliRunner().invoke(cli, [*args, "--validation", str(shifted)])
     assert res.exit_code == 1, res.output
-    assert "no bundle for 1 of 1 profile(s) (rpi4-fp32: no variant passed the validation gate" in res.output
+    assert "no bundle [rpi4-fp32]: no variant passed the validation gate" in res.output
+    assert "Error: no bundle for 1 of 1 profile(s): rpi4-fp32 (see above)" in res.output
     row = next(line for line in res.output.splitlines() if line.startswith("rpi4-fp32") and "fp32" in line)
     assert "FAIL: fp32 reference accuracy 0.0" in row and "< 0.1000 (chance for 10 classes)" in row, row
     assert not list(out.glob("*.bundle")) and not list(out.glob("digits-v*"))

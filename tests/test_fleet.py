@@ -349,8 +349,9 @@ def _observed_rollout(tmp_path, broker, keyring, signing_key, v1, v2, names, fee
 
 def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyring, signing_key, fleet_bundles,
                                                           digits):
-    """Every device installs v2 fine, but on the canary v2 fails a third of the requests it serves (its
-    callers send the input v1 accepted, reshaped) -> the telemetry verdict halts and rolls it back."""
+    """Every device installs v2 fine, but on the canary v2 fails a third of the requests it serves (its answer
+    overflows to NaN on inputs at the edge of float32: a model failure, unlike a malformed request, which is
+    the client's and not counted) -> the telemetry verdict halts and rolls it back."""
     import numpy as np
 
     with np.load(digits["validation"]) as v:
@@ -359,7 +360,7 @@ def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyri
     def feed(a, i):
         f = x[i % 100:][:2]
         if a.current and a.current.manifest.version == 2 and i % 3 == 0:
-            f = f.reshape(2, -1)  # the v2 "regression": this input no longer fits
+            f = np.full_like(f, 3e38)  # the v2 "regression": its answer is NaN here (withheld, an error)
         return f
 
     r = _observed_rollout(tmp_path, broker, keyring, signing_key, fleet_bundles["v1"], fleet_bundles["v2"],
