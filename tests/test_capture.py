@@ -323,6 +323,18 @@ def test_records_go_to_the_url_a_capture_request_gives(tmp_path, broker, keyring
             resp.read()
             assert resp.status == code, (headers, resp.status)
         assert rec.rejected == 1  # the junk body, recorded in the rejected table like a bad MQTT message
+        # a restart keeps the open window; the old request, replayed (retained), is not applied again, and a
+        # window that ended sends nothing more to its URL
+        link.stop()
+        until = a.capture.everything_until
+        a.capture.everything_until, a.capture.upload_url = 0.0, ""
+        link = FleetLink(a, keyring, Broker.parse(broker.url), "test", "cap-u", telemetry=None)
+        assert (a.capture.everything_until, a.capture.upload_url) == (until, rec.url)
+        a.capture.everything_until = 1.0  # as if it had ended long ago
+        link.start()
+        time.sleep(1.0)  # the retained request arrives again: same seq, ignored
+        assert a.capture.everything_until == 1.0 and a.capture.upload_target() == ""
+        assert a.capture.upload_target(now=1.0 + 60) == rec.url  # ...while draining after its window
     finally:
         link.stop()
         a.capture.stop()
@@ -363,3 +375,52 @@ def test_policy_decisions():
     c = confidence({"probs": batch}, ["probs"])
     assert c.top == (0, 0) and c.p1 == pytest.approx((0.9, 0.4)) and c.p2 == pytest.approx((0.05, 0.35))
     assert why(CaptureConfig(enabled=True, low_confidence=0.6), batch) == ["low-confidence"]
+
+
+def test_an_upload_url_gets_the_device_certificate_and_trusts_the_fleet_ca(tmp_path, signing_key):
+    """A receiver behind TLS that wants client certificates from the fleet CA (docs/protocol.md): the device
+    trusts the fleet CA from its broker settings and presents its own certificate, so the receiver knows
+    which device sends; without them the handshake fails and the records stay queued."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from agent.capture.recorder import upload
+    from mosquitto import free_port
+    from securityhelp import SecureHome
+
+    sec = SecureHome(tmp_path, signing_key)
+    dev = sec.enroll("pi-up", "g", "mqtts://localhost:8883")
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(dict(x[0] for x in self.connection.getpeercert()["subject"])["commonName"])
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", free_port()), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sec.certs / "server.pem", sec.certs / "server.key")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(sec.certs / "ca.pem")
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    (tmp_path / "state").mkdir()
+    cap = Capture(CaptureConfig(enabled=True), tmp_path / "state")
+    try:
+        url = f"https://127.0.0.1:{srv.server_address[1]}/capture"
+        assert upload(url, "test", "pi-up", [(1, b"x")], timeout=5) is None  # system CAs only: refused
+        cap.attach(None, "test", "pi-up", Broker.parse("mqtts://localhost:8883", ca_file=str(dev / "ca.pem"),
+                                                         cert_file=str(dev / "device.pem"),
+                                                         key_file=str(dev / "device.key")))
+        assert upload(url, "test", "pi-up", [(1, b"x"), (2, b"y")], cap._tls, timeout=5) == 2
+        assert seen == ["pi-up", "pi-up"]
+    finally:
+        cap.outbox.close()
+        cap.labels.close()
+        srv.shutdown()
+        srv.server_close()

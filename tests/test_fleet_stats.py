@@ -92,6 +92,19 @@ def test_control_is_the_same_model_in_the_same_group(fleet):
     assert reason.startswith("p95"), summary
 
 
+def test_a_sub_millisecond_p95_must_also_grow_by_the_absolute_slack(fleet):
+    """0.3 ms -> 0.5 ms is 67% slower and only 0.2 ms: host jitter, not a regression; the same canary passes
+    with the default 1 ms slack and halts when the operator asks for none."""
+    started, since = NOW - 100, NOW - 30
+    fleet.record("peer", since + 5, [0.3] * 400, version=1)
+    fleet.record("canary", since + 5, [0.5] * 400, version=2)
+    reason, summary = health_verdict(fleet.db, ["canary"], "digits", "a", 2, [1], since, NOW, started)
+    assert reason == "", summary
+    reason, _ = health_verdict(fleet.db, ["canary"], "digits", "a", 2, [1], since, NOW, started,
+                               Thresholds(min_p95_increase_ms=0.0))
+    assert reason.startswith("p95 5"), reason
+
+
 def _classes(rng, p, n=400):
     return np.bincount(rng.choice(10, size=n, p=p), minlength=10)
 

@@ -51,6 +51,8 @@ def test_bearer_token_over_https(tls_served):
     assert status == 401 and "bearer token" in body["error"] and headers["www-authenticate"].startswith("Bearer")
     assert _get(port, ca, "/metrics", {"Authorization": "Bearer wrong"})[0] == 401
     assert _get(port, ca, "/v2/health/live", {"Authorization": f"Basic {TOKEN}"})[0] == 401
+    assert _get(port, ca, "/v2/health/live", {"Authorization": f"Bearer {TOKEN}x"})[0] == 401
+    assert _get(port, ca, "/v2/health/live", {"Authorization": f"bearer {TOKEN}"})[0] == 200  # RFC 7235: any case
     status, body, _ = _get(port, ca, "/v2/models/digits", {"Authorization": f"Bearer {TOKEN}"})
     assert status == 200 and body["versions"] == ["1"]
     plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # plain HTTP to the HTTPS port

@@ -63,6 +63,10 @@ def test_rotate_roll_out_revoke_and_refuse_the_old_key(tmp_path, fleet, fleet_bu
         edgeship(sec.home, "rollout", "start", fleet_bundles["v1"], "--group", "rot", "--canary", "50%", *conn)
         old_desired = host.wait_for(group_topic(FLEET, "rot"))  # the group's v1 state, signed by the old key
         assert json.loads(old_desired)["key_id"] == k1
+        capture_topic = group_topic(FLEET, "rot", "capture_request")
+        host.sub(capture_topic)
+        edgeship(sec.home, "capture", "request", "--group", "rot", "--minutes", "60", *conn)  # still running later
+        assert json.loads(host.wait_for(capture_topic))["key_id"] == k1
 
         edgeship(sec.home, "keys", "rotate", "--root-key", sec.root_key, *conn)
         k2 = load_key(sec.settings.key_path)
@@ -73,7 +77,9 @@ def test_rotate_roll_out_revoke_and_refuse_the_old_key(tmp_path, fleet, fleet_bu
         edgeship(sec.home, "rollout", "start", v2, "--group", "rot", "--canary", "50%", *conn)
         assert all(r["version"] == 2 and r["status"] == "installed" for d, r in reports().items() if d in DEVICES)
         res = edgeship(sec.home, "fleet", "refresh", "--all", "--json", *conn)  # every state now signed by k2
-        assert {r["action"] for r in json.loads(res.output)} == {"renewed"}, res.output
+        rows = {r["topic"]: r["action"] for r in json.loads(res.output)}
+        assert rows.pop(capture_topic) == "re-signed" and set(rows.values()) == {"renewed"}, res.output
+        assert wait_for(lambda: json.loads(host.wait_for(capture_topic))["key_id"] == k2.key_id, 20)
 
         # revoking with the root key offline: a request here, signed there, published here
         edgeship(sec.home, "keys", "revoke", k1, *conn)

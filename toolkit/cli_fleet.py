@@ -188,7 +188,9 @@ def _show(r: dict[str, Any]) -> None:
               help="Halt when the wave's error rate exceeds the control's (same model and group on the replaced "
                    "version) by more than this.")
 @click.option("--max-p95-increase", default=0.25, show_default=True,
-              help="Halt when the wave's p95 latency exceeds the control's by more than this fraction.")
+              help="Halt when the wave's p95 latency exceeds the control's by more than this fraction...")
+@click.option("--min-p95-increase-ms", default=1.0, show_default=True,
+              help="...and by at least this many milliseconds (sub-millisecond p95s jitter by more than 25%).")
 @click.option("--max-class-psi", default=0.25, show_default=True,
               help="Halt when the wave's predicted-class distribution differs from the control's by more than "
                    "this PSI.")
@@ -207,8 +209,8 @@ def _show(r: dict[str, Any]) -> None:
 @rollout_options
 @click.pass_obj
 def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failures: int, timeout: float,
-                  observe: float, max_error_increase: float, max_p95_increase: float, max_class_psi: float,
-                  max_input_psi_increase: float, max_accuracy_drop: float, min_labels: int,
+                  observe: float, max_error_increase: float, max_p95_increase: float, min_p95_increase_ms: float,
+                  max_class_psi: float, max_input_psi_increase: float, max_accuracy_drop: float, min_labels: int,
                   delta_from: tuple[Path, ...], fleet_db: Path | None, encrypt: bool, conn: Any,
                   fleet_name: str, key: Path | None) -> None:
     """Canary wave, then the rest; halt and roll the wave back when devices fail or get worse."""
@@ -219,7 +221,7 @@ def rollout_start(s: Settings, bundle: Path, group: str, canary: str, max_failur
     except ValueError as exc:
         raise click.BadParameter(f"{canary!r} is not a percentage", param_hint="--canary") from exc
     th = Thresholds(max_error_increase, max_p95_increase, max_class_psi, max_input_psi_increase, max_accuracy_drop,
-                    min_labels)
+                    min_labels, min_p95_increase_ms)
     from toolkit.signing import load_key
 
     signing = load_key(key or s.key_path)
@@ -327,7 +329,7 @@ def fleet_collect(s: Settings, conn: Any, fleet_name: str, db_path: Path | None,
 def run_for(seconds: float | None, stop: Callable[[], None]) -> None:
     """Let a service run for ``seconds`` (None: until Ctrl-C), then ``stop`` it."""
     try:
-        if seconds:
+        if seconds is not None:
             time.sleep(seconds)
         else:
             while True:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 HANDOFF = 256  # captured requests waiting for the worker; beyond, they are dropped (and counted)
 CAPTURE_FILE, LABELS_FILE = "capture.db", "labels.db"  # in the state dir
 SEND_EVERY_S = 1.0
+UPLOAD_GRACE_S = 600.0  # after a capture request's window: its URL still takes what it captured
 
 
 class Recent(NamedTuple):  # (made for every request: a tuple is cheaper than a dataclass)
@@ -59,6 +60,7 @@ class Capture:
         self._handoff_dropped = 0
         self._spent: tuple[int, int] | None = None  # (day, bytes) of the budget, read once from the queue
         self._link: tuple[Any, str, str] | None = None  # (paho client, fleet, device) once a fleet link attaches
+        self._tls: Any = None  # the TLS context uploads use: the fleet's CA and this device's certificate
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edgeship-capture", daemon=True)
 
@@ -73,10 +75,27 @@ class Capture:
         self.outbox.close()
         self.labels.close()
 
-    def attach(self, client: Any, fleet: str, device: str) -> None:
-        """Send home over this MQTT client (called by the fleet link)."""
+    def attach(self, client: Any, fleet: str, device: str, broker: Any = None) -> None:
+        """Send home over this MQTT client (called by the fleet link). An upload URL (a capture request's)
+        is reached over HTTPS trusting the system's CAs and the broker's CA file, with the broker's client
+        certificate when it has one: a receiver behind TLS can check which device sends."""
+        if broker is not None and (broker.ca_file or broker.cert_file):
+            import ssl
+
+            ctx = ssl.create_default_context()
+            if broker.ca_file:
+                ctx.load_verify_locations(broker.ca_file)
+            if broker.cert_file:
+                ctx.load_cert_chain(broker.cert_file, broker.key_file)
+            self._tls = ctx
         self._link = (client, fleet, device)
         self._wake.set()
+
+    def upload_target(self, now: float | None = None) -> str:
+        """The URL records go to: a capture request's, while its window lasts (and UPLOAD_GRACE_S after, to
+        drain what it captured); "" (over MQTT) otherwise."""
+        now = time.time() if now is None else now
+        return self.upload_url if now < self.everything_until + UPLOAD_GRACE_S else ""
 
     def wake(self) -> None:
         self._wake.set()
@@ -196,7 +215,7 @@ class Capture:
             sent += sum(1 for seq, _, _ in rows if seq <= acked)
             if acked != rows[-1][0]:
                 return sent
-        url = self.upload_url
+        url = self.upload_target()
         while url or client.is_connected():
             rows, dropped = self.outbox.peek_raw(50)
             if not rows:
@@ -205,7 +224,7 @@ class Capture:
             if url:
                 if time.monotonic() < self._upload_retry:
                     return sent
-                acked = upload(url, fleet, device, msgs)
+                acked = upload(url, fleet, device, msgs, self._tls)
                 self._upload_wait = 0.0 if acked is not None else min(30.0, max(1.0, 2 * self._upload_wait))
                 self._upload_retry = time.monotonic() + self._upload_wait
             else:
@@ -219,7 +238,8 @@ class Capture:
         return sent
 
 
-def upload(url: str, fleet: str, device: str, msgs: list[tuple[int, bytes]], timeout: float = 30.0) -> int | None:
+def upload(url: str, fleet: str, device: str, msgs: list[tuple[int, bytes]], tls: Any = None,
+           timeout: float = 30.0) -> int | None:
     """POST capture messages in order to the URL a capture request gave (what `edgeship capture receive`
     serves); returns the seq acknowledged (a 2xx answer) without a gap, None when none was."""
     import urllib.error
@@ -231,7 +251,7 @@ def upload(url: str, fleet: str, device: str, msgs: list[tuple[int, bytes]], tim
                                                     "X-Edgeship-Fleet": fleet, "X-Edgeship-Device": device},
                                      method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=tls if url.startswith("https:") else None) as resp:
                 resp.read()
         except (urllib.error.URLError, OSError, ValueError) as exc:  # HTTPError too: not acknowledged
             log.warning("capture upload to %s failed: %s", url, exc)

@@ -50,7 +50,14 @@ class FleetLink:
             {group_topic(fleet, group)} if group else set())
         self.capture_topics = ({device_topic(fleet, device_id, "capture_request")} | (
             {group_topic(fleet, group, "capture_request")} if group else set())) if agent.capture else set()
-        self._capture_seq = 0
+        self._capture_seq = 0  # the last capture request applied, on disk: an old one replayed after a restart
+        try:  # is ignored, and a window still open survives the restart
+            applied = load_state(agent.store.dir).get("capture") or {}
+            self._capture_seq = int(applied.get("seq", 0))
+            if agent.capture is not None and applied:
+                agent.capture.everything_until, agent.capture.upload_url = float(applied["until"]), str(applied["url"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            log.warning("fleet state: unreadable record of the last capture request; ignored")
         self.trust = keyring if isinstance(keyring, Trust) else None  # follows the fleet's keyring
         self.keyring_topic = keyring_topic(fleet) if self.trust else None
         self._stale = ""  # the expiry note last reported
@@ -64,7 +71,7 @@ class FleetLink:
         self._worker = threading.Thread(target=self._work, name="edgeship-fleet", daemon=True)
         self.reporter = Reporter(self, telemetry) if telemetry else None  # telemetry + heartbeat
         if agent.capture is not None:
-            agent.capture.attach(self.client, fleet, device_id)
+            agent.capture.attach(self.client, fleet, device_id, broker)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -187,9 +194,9 @@ class FleetLink:
         if not payload or self.trust is None or self.trust.offer(payload, topic) is None:
             return
         self._report()
-        # desired states signed by a key this keyring added may have been refused before it came: the
-        # broker sends the retained ones again for a repeated subscription
-        self.client.subscribe([(t, 1) for t in sorted(self.desired_topics)])
+        # desired states and capture requests signed by a key this keyring added may have been refused before
+        # it came: the broker sends the retained ones again for a repeated subscription
+        self.client.subscribe([(t, 1) for t in sorted(self.desired_topics | self.capture_topics)])
 
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -236,12 +243,16 @@ class FleetLink:
             self._report()
 
     def _on_capture_request(self, topic: str, payload: bytes) -> None:
-        """The host asks for every request until a time (signed; a retained request that already ended
-        changes nothing)."""
+        """The host asks for every request until a time (signed; 0 minutes: stop). One not newer than the
+        last one applied (also across restarts: a replayed old request) changes nothing; the URL of one that
+        ended is not used (Capture.upload_target)."""
         req = parse_capture_request(payload, topic, self.keyring)
         if req.target not in (f"device:{self.device}", f"group:{self.group}") or req.seq <= self._capture_seq:
             return
         self._capture_seq = req.seq
+        st = self._load()
+        st["capture"] = {"seq": req.seq, "until": req.until, "url": req.url}
+        self._save(st)
         self.agent.capture.everything_until = req.until
         self.agent.capture.upload_url = req.url
         log.info("capture request: every request until %s; records go %s", time.strftime(

@@ -42,12 +42,13 @@ class App:
 
     def __init__(self, agent: Agent, max_body_bytes: int = 16 << 20, token: str | None = None):
         self.agent, self.max_body = agent, max_body_bytes
-        self._token = f"Bearer {token}".encode() if token else None
+        self._token = token.encode() if token else None
 
     def handle(self, req: Request) -> Response:
         path = req.target.split("?", 1)[0]
-        if self._token is not None and not hmac.compare_digest(
-                req.headers.get("authorization", "").strip().encode("latin-1", "replace"), self._token):
+        scheme, _, given = req.headers.get("authorization", "").strip().partition(" ")
+        if self._token is not None and not (scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("latin-1", "replace"), self._token)):  # the scheme is case-insensitive
             return error(401, "this API needs a bearer token: send 'Authorization: Bearer <token>' (the agent's "
                               "[http] token_file)", www_authenticate='Bearer realm="edgeship-agent"')
         try:

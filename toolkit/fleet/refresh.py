@@ -6,7 +6,9 @@ expired. The host renews them: this re-signs every retained desired state of the
 key the fleet trusts and expires within ``min_left`` seconds — the same state, the same ``seq`` (devices that
 handled it do nothing but note the later expiry), a later ``expires``, signed with the current signing key (so
 after a rotation, refreshing moves every desired state to the new key before the old one is revoked). Run it
-daily (a systemd timer or cron job next to the collector).
+daily (a systemd timer or cron job next to the collector). Retained capture requests still running are moved
+to the current signing key too (same document, same ``seq``), so a rotation does not cut their window short
+on devices that reconnect.
 
 It reads the retained states through a live subscription and re-checks, just before re-publishing each, that
 no newer desired state arrived on that topic meanwhile (e.g. from a rollout).
@@ -29,8 +31,11 @@ from toolkit.signing import SigningKey
 log = logging.getLogger(__name__)
 
 
+KINDS = ("desired", "capture_request")
+
+
 class DesiredWatcher(FleetWatcher):
-    """The fleet's retained desired states (device and group), live."""
+    """The fleet's retained desired states and capture requests (device and group), live."""
 
     def __init__(self, broker: Broker, fleet: str):
         super().__init__(broker, fleet)
@@ -38,12 +43,13 @@ class DesiredWatcher(FleetWatcher):
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
         base = f"{PREFIX}/{self.fleet}"
-        client.subscribe([(f"{base}/device/+/desired", 1), (f"{base}/group/+/desired", 1), (self.sync_topic, 1)])
+        client.subscribe([(f"{base}/{level}/+/{kind}", 1) for level in ("device", "group")
+                          for kind in KINDS] + [(self.sync_topic, 1)])
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         parts = msg.topic.split("/")
         if (len(parts) == 6 and msg.topic.startswith(f"{PREFIX}/{self.fleet}/") and parts[3] in ("device", "group")
-                and parts[5] == "desired"):
+                and parts[5] in KINDS):
             with self._lock:
                 self.desired[msg.topic] = msg.payload
         else:
@@ -70,10 +76,14 @@ def refresh(broker: Broker, fleet: str, key: SigningKey, trusted: Keyring, ttl: 
             if not payload:
                 row["action"] = "cleared"
                 continue
+            kind = topic.rsplit("/", 1)[1]
             try:
-                doc = parse_message(payload, topic, trusted, expect_type="desired")
+                doc = parse_message(payload, topic, trusted, expect_type=kind)
             except AgentError as exc:
                 row["action"] = f"left alone: {exc}"
+                continue
+            if kind == "capture_request":
+                _resign_capture(pub, topic, payload, doc, key, row, w)
                 continue
             if doc.get("expires") and doc["expires"] - time.time() > min_left:
                 row.update(action="fresh", expires=doc["expires"])
@@ -88,3 +98,20 @@ def refresh(broker: Broker, fleet: str, key: SigningKey, trusted: Keyring, ttl: 
         pub.close()
         w.stop()
     return rows
+
+
+def _resign_capture(pub: Publisher, topic: str, payload: bytes, doc: dict[str, Any], key: SigningKey,
+                    row: dict[str, Any], w: DesiredWatcher) -> None:
+    """A capture request still running, signed by another key than the current one: the same document,
+    signed again (devices that applied it ignore it: same seq)."""
+    ends = float(doc.get("t", 0)) + 60 * float(doc.get("minutes", 0))
+    if ends <= time.time():
+        row["action"] = "capture request ended: left alone"
+    elif doc.get("key_id") == key.key_id:
+        row.update(action="fresh", expires=ends)
+    elif w.payload(topic) != payload:  # a newer request arrived meanwhile: it wins
+        row["action"] = "superseded while refreshing: left alone"
+    else:
+        body = {k: v for k, v in doc.items() if k not in ("sig", "key_id", "v")}
+        pub.retain(topic, sign_message(body, key.key_id, key.sign))
+        row.update(action="re-signed", expires=ends)

@@ -44,6 +44,7 @@ class Thresholds:
     max_input_psi_increase: float = 0.25  # the wave's input PSI (vs its reference) minus the control's
     max_accuracy_drop: float = 0.05  # live accuracy (field labels), absolute: the control's minus the wave's
     min_labels: int = 50  # labelled samples needed on each side before live accuracy is compared
+    min_p95_increase_ms: float = 1.0  # and by at least this much: sub-millisecond p95s jitter by more than 25%
 
 
 SCHEMA = """
@@ -294,7 +295,8 @@ def health_verdict(db: sqlite3.Connection, wave: list[str], model: str, group: s
     if (new.error_rate or 0) > (old.error_rate or 0) + th.max_error_increase:
         return f"error rate {new.error_rate:.2%} vs {old.error_rate:.2%} on the control", summary
     p95_new, p95_old = new.p(95), old.p(95)
-    if p95_new is not None and p95_old is not None and p95_new > p95_old * (1 + th.max_p95_increase):
+    if (p95_new is not None and p95_old is not None and p95_new > p95_old * (1 + th.max_p95_increase)
+            and p95_new - p95_old >= th.min_p95_increase_ms):
         return f"p95 {fmt_ms(p95_new)} vs {fmt_ms(p95_old)} on the control", summary
     if shift is not None and shift > th.max_class_psi:
         return (f"predicted classes of {output!r} differ from the control's (PSI {shift:.3f} > "
