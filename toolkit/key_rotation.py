@@ -177,19 +177,10 @@ def load_request(path: Path) -> dict[str, Any]:
 
 def publish(payload: bytes, broker: Any, fleet: str, timeout: float = 30.0) -> str:
     """Retain a signed keyring on ``fleet``'s keyring topic; returns the topic."""
-    from agent.fleet.mqtt import connect_blocking, make_client
+    from toolkit.fleet.publish import retain_once
 
     topic = keyring_topic(fleet)
-    client = make_client(f"edgeship-keyring-{time.time_ns()}", broker)
-    connect_blocking(client, broker)
-    try:
-        info = client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(timeout)
-        if not info.is_published():
-            raise TrustError(f"publishing the keyring to {broker.host}:{broker.port} timed out")
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    retain_once(broker, topic, payload, "the keyring", TrustError, timeout)
     return topic
 
 

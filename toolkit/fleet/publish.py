@@ -91,6 +91,21 @@ class Publisher:
         self._wait([self.client.publish(topic, payload, qos=1, retain=True)], topic)
 
 
+def retain_once(broker: Broker, topic: str, payload: bytes, what: str, error: type[ToolkitError] = ToolkitError,
+                timeout: float = 30.0) -> None:
+    """Retain one message on ``topic`` over a connection of its own (QoS 1, acknowledged by the broker)."""
+    client = make_client(f"edgeship-{what.split()[-1]}-{time.time_ns()}", broker)
+    connect_blocking(client, broker)
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise error(f"publishing {what} to {broker.host}:{broker.port} timed out")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def base_content(bundle: Path) -> bytes:
     """What a device running ``bundle`` patches against (its files in manifest order, see agent.fleet.delta)."""
     import tarfile
