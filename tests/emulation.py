@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("EDGESHIP_TEST_CACHE", Path.home() / ".cache" / "edgeship"))
 # The modules holding device tests (marked `device`); a new module with device tests joins here.
 DEVICE_MODULES = ("test_install.py", "test_http.py", "test_fleet.py", "test_fleet_transfer.py",
-                  "test_telemetry.py", "test_bundle_format.py", "test_agent_config.py", "test_portability.py")
+                  "test_telemetry.py", "test_bundle_format.py", "test_agent_config.py", "test_portability.py",
+                  "test_capture.py")
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,7 @@ def _settle(capture: Capture, n: int) -> bool:
                     == n, 30)
 
 
+@pytest.mark.device  # the agent's side: also in the emulated Pi userlands
 def test_queue_survives_outage_and_restart_with_exact_drop_counts(tmp_path, broker, keyring, fleet_bundles, val):
     from agent.fleet.link import FleetLink
 
@@ -244,6 +245,7 @@ def test_queue_survives_outage_and_restart_with_exact_drop_counts(tmp_path, brok
         col.stop()
 
 
+@pytest.mark.device  # the agent's side: also in the emulated Pi userlands
 def test_daily_budget_is_respected(tmp_path, keyring, fleet_bundles, val):
     x, _ = val
     a = Agent(tmp_path / "b", keyring, DEVICE_ARCH)
@@ -266,6 +268,7 @@ def test_daily_budget_is_respected(tmp_path, keyring, fleet_bundles, val):
         a.capture.stop()
 
 
+@pytest.mark.device  # the agent's side: also in the emulated Pi userlands
 def test_no_capture_when_off(tmp_path, keyring, fleet_bundles, val):
     from agent.serve.http import make_server, serve_in_thread
 
@@ -315,7 +318,7 @@ def test_records_go_to_the_url_a_capture_request_gives(tmp_path, broker, keyring
         assert sorted(r[0] for r in _q(tmp_path / "fleet.db", "SELECT id FROM captures WHERE device = 'cap-u' AND "
                                                                 "reasons = 'requested'")) == [f"up-{i}" for i in range(5)]
         conn = http.client.HTTPConnection("127.0.0.1", rec.server.server_address[1], timeout=10)
-        for headers, body, code in [({}, b"x", 400), ({"X-Edgeship-Device": "cap-u"}, b"junk", 400),
+        for headers, body, code in [({}, b"x", 400), ({"X-Edgeship-Device": "cap-u"}, b"junk", 422),
                                     ({"X-Edgeship-Device": "../etc"}, b"x", 400),
                                     ({"X-Edgeship-Device": "cap-u"}, b"x" * 300_000, 413)]:
             conn.request("POST", "/capture", body, headers)
@@ -341,6 +344,7 @@ def test_records_go_to_the_url_a_capture_request_gives(tmp_path, broker, keyring
         rec.stop()
 
 
+@pytest.mark.device  # the agent's side: also in the emulated Pi userlands
 def test_policy_decisions():
     """Each policy on its own, on known outputs (unit level: the decision the agent makes inline)."""
     from types import SimpleNamespace

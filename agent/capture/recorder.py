@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from agent.capture.feedback import MAX_ID
 from agent.capture.policy import CaptureConfig, Decider, confidence
 from agent.fleet.capture_wire import encode_record, pack
 from agent.fleet.outbox import Outbox, publish_acked
@@ -43,6 +44,7 @@ class Recent(NamedTuple):  # (made for every request: a tuple is cheaper than a 
     confidence: tuple[float, ...]
     captured: bool
     classes: int
+    names: tuple[str, ...] = ()  # the answering version's label names (the manifest's own tuple)
 
 
 class Capture:
@@ -111,6 +113,8 @@ class Capture:
         the arrays belong to this request)."""
         if cur.runner.plan.stateful:
             return  # a sample of a stateful model means nothing without its sequence
+        if request_id is not None and not 0 < len(request_id) <= MAX_ID:
+            request_id = None  # (the HTTP API refuses such ids) neither remembered nor sent with a record
         d = self._decider
         if d is None or d[0] is not cur:
             d = self._decider = (cur, Decider(self.cfg, cur.manifest))
@@ -118,7 +122,8 @@ class Capture:
         t = time.time()
         reasons = d[1].reasons(arrays, conf, t < self.everything_until)
         if request_id is not None and conf is not None:
-            rec = Recent(cur.manifest.name, cur.manifest.version, t, conf.top, conf.p1, bool(reasons), conf.classes)
+            rec = Recent(cur.manifest.name, cur.manifest.version, t, conf.top, conf.p1, bool(reasons), conf.classes,
+                         cur.manifest.labels)
             with self._rlock:
                 self._recent[request_id] = rec
                 self._recent.move_to_end(request_id)
@@ -253,7 +258,12 @@ def upload(url: str, fleet: str, device: str, msgs: list[tuple[int, bytes]], tls
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=tls if url.startswith("https:") else None) as resp:
                 resp.read()
-        except (urllib.error.URLError, OSError, ValueError) as exc:  # HTTPError too: not acknowledged
+        except urllib.error.HTTPError as exc:
+            if exc.code != 422:  # not acknowledged: sent again later
+                log.warning("capture upload to %s failed: %s", url, exc)
+                break
+            log.warning("capture upload to %s: the host refused message %d for good (%s)", url, seq, exc)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
             log.warning("capture upload to %s failed: %s", url, exc)
             break
         acked = seq

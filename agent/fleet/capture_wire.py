@@ -82,10 +82,11 @@ def decode_record(blob: bytes, where: str) -> Record:
         raise ProtocolError(f"{where}: record metadata is not JSON ({exc})") from exc
     f = Fields(meta, f"{where}: record")
     layout = f.str("layout")
-    reasons = tuple(f.raw("reasons", []))
-    if not isinstance(f.raw("reasons", []), list) or len(reasons) > 8 or not all(
-            isinstance(r, str) and len(r) <= 40 for r in reasons):
+    reasons = f.raw("reasons", [])
+    if not isinstance(reasons, list) or len(reasons) > 8 or not all(isinstance(r, str) and len(r) <= 40
+                                                                    for r in reasons):
         raise ProtocolError(f"{where}: record reasons must be a list of at most 8 short strings")
+    reasons = tuple(reasons)
     specs, total = [], 0
     for t in f.items("tensors", 2 * MAX_TENSORS):
         dt, role = t.str("dtype"), t.str("role")
@@ -95,6 +96,8 @@ def decode_record(blob: bytes, where: str) -> Record:
         if (type(shape) is not list or len(shape) > 32
                 or not all(type(d) is int and 0 <= d <= MAX_RECORD_BYTES for d in shape)):
             raise ProtocolError(f"{t.where}: shape must be a list of at most 32 non-negative integers")
+        if math.prod(d for d in shape if d) > MAX_RECORD_BYTES:  # also when a 0 makes the product 0
+            raise ProtocolError(f"{t.where}: shape {shape} is too large")
         n = math.prod(shape) * np.dtype(dt).itemsize
         total += n
         if total > MAX_RECORD_BYTES:

@@ -107,9 +107,13 @@ class Fields:
             return self._default(key, default)
         if type(x) is not list or len(x) > max_len or not set(map(type, x)) <= {int, float}:
             raise self._bad(key, f"a list of at most {max_len} numbers")
-        if not math.isfinite(sum(x)):  # one sum instead of a check per value: NaN and inf propagate
+        try:
+            out = [float(c) for c in x]  # an int beyond float: OverflowError
+        except OverflowError:
+            out = [math.inf]
+        if not math.isfinite(sum(out)):  # one sum instead of a check per value: NaN and inf propagate
             raise self._bad(key, "a list of finite numbers")
-        return [float(c) for c in x]
+        return out
 
     def raw(self, key: str, default: Any) -> Any:
         """The value as sent (the caller checks it)."""

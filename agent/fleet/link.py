@@ -25,8 +25,8 @@ from agent.fleet.desired import (accept, count_attempt, expired, failure, gave_u
                                  save_state)
 from agent.install import describe
 from agent.fleet.mqtt import Broker, make_client
-from agent.fleet.protocol import (Desired, device_topic, encode, group_topic, keyring_topic, parse_capture_request,
-                                  presence_doc, reported_doc)
+from agent.fleet.protocol import (MAX_CAPTURE_MINUTES, Desired, device_topic, encode, group_topic, keyring_topic,
+                                  parse_capture_request, presence_doc, reported_doc)
 from agent.fleet.reporter import Reporter, TelemetryConfig
 from agent.fleet.transfer import Transfer
 from agent.keys import Keyring
@@ -143,7 +143,8 @@ class FleetLink:
                     self._report(error=str(exc))
             except Exception as exc:  # the link must survive anything a broker sends, or a full disk
                 log.exception("error handling %s", topic)
-                self._fail(exc)
+                if topic not in self.capture_topics and topic != self.keyring_topic:  # not an update's fault
+                    self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         """An error escaped while downloading or installing: the desired state failed, with its cause."""
@@ -249,14 +250,15 @@ class FleetLink:
         req = parse_capture_request(payload, topic, self.keyring)
         if req.target not in (f"device:{self.device}", f"group:{self.group}") or req.seq <= self._capture_seq:
             return
+        until = min(req.until, time.time() + 60 * MAX_CAPTURE_MINUTES)  # a clock far ahead: at most a day
         self._capture_seq = req.seq
         st = self._load()
-        st["capture"] = {"seq": req.seq, "until": req.until, "url": req.url}
+        st["capture"] = {"seq": req.seq, "until": until, "url": req.url}
         self._save(st)
-        self.agent.capture.everything_until = req.until
+        self.agent.capture.everything_until = until
         self.agent.capture.upload_url = req.url
         log.info("capture request: every request until %s; records go %s", time.strftime(
-            "%Y-%m-%d %H:%M:%S", time.localtime(req.until)), f"to {req.url}" if req.url else "over MQTT")
+            "%Y-%m-%d %H:%M:%S", time.localtime(until)), f"to {req.url}" if req.url else "over MQTT")
 
     def _resume(self) -> None:
         """After (re)connecting: continue the desired state this device has not reached yet, unless it

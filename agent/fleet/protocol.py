@@ -101,7 +101,7 @@ def parse_message(payload: bytes, topic: str, keyring: Keyring | None = None,
     if len(payload) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"{topic}: message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        doc = json.loads(payload.decode("utf-8"))
+        doc = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{topic}: not JSON ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("v") != VERSION:
@@ -117,10 +117,18 @@ def parse_message(payload: bytes, topic: str, keyring: Keyring | None = None,
         except ValueError as exc:
             raise ProtocolError(f"{topic}: malformed signature") from exc
         try:
-            keyring.verify(doc["key_id"], canonical_json(doc), raw, topic)
+            signed = canonical_json(doc)
+        except (ValueError, UnicodeError) as exc:  # e.g. a lone surrogate: nothing a key signed
+            raise ProtocolError(f"{topic}: bad signature (the message cannot be canonicalized: {exc})") from exc
+        try:
+            keyring.verify(doc["key_id"], signed, raw, topic)
         except AgentError as exc:
             raise ProtocolError(str(exc)) from exc
     return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 # ---------------------------------------------------------------- desired
@@ -475,8 +483,8 @@ def parse_capture_request(payload: bytes, topic: str, keyring: Keyring) -> Captu
     url = f.str("url", "", 2000)
     if url and not url.startswith(("http://", "https://")):
         raise ProtocolError(f"{topic}: url must be an http:// or https:// URL, got {url!r:.60}")
-    return CaptureRequest(target, f.int("seq"), f.num("t", lo=0) + 60 * f.num("minutes", lo=0, hi=MAX_CAPTURE_MINUTES),
-                          url)
+    return CaptureRequest(target, f.int("seq"),
+                          f.num("t", lo=0, hi=1e10) + 60 * f.num("minutes", lo=0, hi=MAX_CAPTURE_MINUTES), url)
 
 
 # ---------------------------------------------------------------- keyring

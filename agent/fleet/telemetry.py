@@ -178,7 +178,7 @@ class Drift:
                 y = outputs.get(name)
                 if y is not None and y.ndim == 2 and y.shape[1] == len(p):
                     self.out_counts[k] += np.bincount(y.argmax(1), minlength=len(p))
-                    self.out_conf[k] += np.bincount(np.minimum((top1(y) * CONF_BINS).astype(np.int64),
+                    self.out_conf[k] += np.bincount(np.minimum((top1(y) * CONF_BINS).astype(np.intp),
                                                                CONF_BINS - 1), minlength=CONF_BINS)
 
     def snapshot(self, threshold: float = PSI_THRESHOLD) -> dict[str, Any] | None:

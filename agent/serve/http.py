@@ -85,6 +85,8 @@ class App:
         if path == "/predict":
             return self._predict(req)
         name, version, action = m.group(1), m.group(2), m.group(3)
+        if action == "/feedback":  # about a request answered before: maybe by a version no longer loaded
+            return self._feedback(req, name, version)
         cur = _check_model(cur, name, version)
         if action is None:
             return _json(v2.metadata(cur.manifest, cur.runner.inputs, cur.runner.outputs))
@@ -92,8 +94,6 @@ class App:
             return _json({"name": name, "ready": True})
         if action == "/config":
             return _json(v2.config(cur.manifest, cur.runner, self.agent.interpreters))
-        if action == "/feedback":
-            return self._feedback(req, name)
         return self._infer(req, cur)
 
     def _infer(self, req: Request, cur: Loaded) -> Response:
@@ -136,7 +136,7 @@ class App:
             res["label"] = [cur.manifest.labels[i] for i in first.argmax(1)]
         return _json(res)
 
-    def _feedback(self, req: Request, name: str) -> Response:
+    def _feedback(self, req: Request, name: str, version: str | None) -> Response:
         """``{"id": ID, "label": L}`` or ``{"id": ID, "labels": [L, ...]}`` (one per sample of the request; a
         class index or a label name of the model): the ground truth for a request this agent answered."""
         from agent.capture.feedback import parse_feedback
@@ -146,10 +146,11 @@ class App:
             raise HTTPError(404, "feedback needs prediction capture: set [capture] enabled = true in agent.toml")
         rid, labels = parse_feedback(v2.loads(self._decoded(req)))
         rec = capture.recent(rid)
-        if rec is None or rec.model != name:
-            raise HTTPError(404, f"no recent request {rid!r} of model {name!r} on this agent (it remembers the last "
-                                 f"{capture.cfg.recent} requests)")
-        labels = _label_ids(labels, rec, self.agent.current)
+        if rec is None or rec.model != name or (version is not None and version != str(rec.version)):
+            raise HTTPError(404, f"no recent request {rid!r} of model {name!r}"
+                                 + (f" version {version}" if version is not None else "")
+                                 + f" on this agent (it remembers the last {capture.cfg.recent} requests)")
+        labels = _label_ids(labels, rec)
         capture.feedback(rid, rec, labels)
         return _json({"id": rid, "model_name": rec.model, "model_version": str(rec.version), "labels": labels,
                       "predicted": list(rec.predicted)})
@@ -181,11 +182,11 @@ def _check_model(cur: Loaded | None, name: str, version: str | None) -> Loaded:
     return cur
 
 
-def _label_ids(labels: list[int | str], rec: Any, cur: Loaded | None) -> list[int]:
+def _label_ids(labels: list[int | str], rec: Any) -> list[int]:
     """Class indices for ``labels`` (indices, or label names of the version that answered)."""
     if len(labels) != len(rec.predicted):
         raise HTTPError(400, f"labels: the request had {len(rec.predicted)} sample(s); give one label each")
-    names = cur.manifest.labels if cur is not None and cur.manifest.version == rec.version else ()
+    names = rec.names
     out = []
     for i, x in enumerate(labels):
         if isinstance(x, str):

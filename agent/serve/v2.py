@@ -25,6 +25,7 @@ DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "ui
              "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FP16": "float16",
              "FP32": "float32", "FP64": "float64"}
 _NAMES = {v: k for k, v in DATATYPES.items()}
+MAX_REQUEST_ID = 128  # characters (agent.capture.feedback.MAX_ID: feedback names requests by it)
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "parameters", "sequence"]
 MAX_DIMS = 32
 
@@ -72,6 +73,9 @@ def parse_infer(body: bytes, header_length: str | None, inputs: tuple[TensorSpec
     rid = req.get("id")
     if rid is not None and not isinstance(rid, str):
         raise HTTPError(400, f"id: expected a string, got {type(rid).__name__}")
+    if rid is not None and len(rid) > MAX_REQUEST_ID:  # it is echoed, remembered for feedback and captured
+        raise HTTPError(400, f"id: at most {MAX_REQUEST_ID} characters, got {len(rid)}")
+    rid = rid or None  # "": no id
     params = _params(req, "parameters")
     binary_out = params.get("binary_data_output", False)
     if not isinstance(binary_out, bool):

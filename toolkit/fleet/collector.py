@@ -194,6 +194,9 @@ class Collector:
                     found = parse_many(self.fleet, topic, payload)
                 except ProtocolError as exc:
                     found = [("rejected", (time.time(), topic[:200], f"{type(exc).__name__}: {exc}"[:300]))]
+                except Exception as exc:  # a parser bug must not stop the collector: the message is kept as rejected
+                    log.exception("unexpected error parsing a message on %s", topic[:200])
+                    found = [("rejected", (time.time(), topic[:200], f"unexpected {type(exc).__name__}: {exc}"[:300]))]
                 for kind, values in found:
                     rows.setdefault(kind, []).append(values)
             try:
