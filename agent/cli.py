@@ -323,7 +323,8 @@ def run(config_path: Path | None, state_dir: Path | None, keyring: Path | None, 
               show_default="from the config, /var/lib/edgeship", help="Agent state folder whose free disk counts.")
 @click.option("--keyring", type=click.Path(exists=True, path_type=Path),
               show_default="from the config", help="Trusted .pub file or folder, to verify --bundle's signature.")
-@click.option("--arch", show_default="this machine's", help="Device architecture.")
+@click.option("--arch", show_default="EDGESHIP_AGENT_ARCH, the config's [agent] arch, else this machine's",
+              help="Device architecture.")
 @click.option("--bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Say whether this bundle would install here, check by check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")

@@ -103,10 +103,10 @@ class _ModelSource(click.ParamType):
               show_default="the validation data", help=".npz of representative inputs for int8 calibration.")
 @click.option("--train", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npz with inputs and labels y, for --prune / --qat fine-tuning.")
-@click.option("--name", show_default="MODEL's file stem", help="Model name in the bundle and registry.")
+@click.option("--name", show_default="MODEL's file stem; for models:/NAME/… the registered name", help="Model name in the bundle and registry.")
 @click.option("--version", "version", type=int, show_default="registry latest + 1", help="Bundle version.")
 @click.option("--meta", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JSON with labels, preprocessing and postprocessing metadata.")
+              help="JSON with labels, preprocessing, postprocessing and state metadata.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"),
               show_default=True, help="Output folder for bundles, summary and report.")
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), show_default="HOME/keys/signing.pem",
@@ -459,7 +459,8 @@ def runtimes_list(s: Settings) -> None:
 @click.option("--quick", is_flag=True, help="Short latency runs.")
 @click.pass_obj
 def demo(s: Settings, workdir: Path | None, quick: bool) -> None:
-    """Train the digits example, build it for three profiles, verify and run a bundle."""
+    """The whole story on the built-in example: train, build for three profiles, verify a bundle, then a
+    local fleet (broker + 4 agents): canary rollout, a delta v2, captured data that calibrates v3."""
     from toolkit.demo.story import run_demo
 
     run_demo(s, workdir or s.home / "demo", quick=quick, echo=click.echo)

@@ -113,7 +113,8 @@ def _write_pair(out: Path, stem: str, issued: Any, ca_pem: Path) -> None:
 @click.option("--ip", "ips", multiple=True, help="An IP address the broker is reached at (repeatable).")
 @click.option("--dns", "dns", multiple=True, show_default="HOSTNAME", help="A DNS name (repeatable).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for server.key, server.pem and ca.pem (Mosquitto's keyfile, certfile and cafile).")
+              help="Folder for server.key, server.pem, ca.pem and crl.pem (Mosquitto's keyfile, certfile, cafile and "
+                   "crlfile).")
 @click.pass_obj
 def ca_server_cert(s: Settings, hostname: str, ips: tuple[str, ...], dns: tuple[str, ...], out: Path) -> None:
     """The broker's TLS server certificate, from the fleet CA."""

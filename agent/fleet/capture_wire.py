@@ -97,7 +97,7 @@ def decode_record(blob: bytes, where: str) -> Record:
                 or not all(type(d) is int and 0 <= d <= MAX_RECORD_BYTES for d in shape)):
             raise ProtocolError(f"{t.where}: shape must be a list of at most 32 non-negative integers")
         if math.prod(d for d in shape if d) > MAX_RECORD_BYTES:  # also when a 0 makes the product 0
-            raise ProtocolError(f"{t.where}: shape {shape} is too large")
+            raise ProtocolError(f"{t.where}: shape {shape} exceeds {MAX_RECORD_BYTES} values")
         n = math.prod(shape) * np.dtype(dt).itemsize
         total += n
         if total > MAX_RECORD_BYTES:
