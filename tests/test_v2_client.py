@@ -117,6 +117,22 @@ def test_classification_extension(served):
         assert all(len(s.split(b":")) == 2 for s in res[0])
 
 
+def test_inference_statistics(served):
+    """Triton's statistics extension, as tritonclient reads it: counts and times per version."""
+    agent, client = served
+    cur = agent.current
+    feed = {s.name: sample(s, np.random.default_rng(3)) for s in cur.model.inputs}
+    before = client.get_inference_statistics(cur.manifest.name)["model_stats"]
+    n0 = before[0]["inference_count"] if before else 0
+    client.infer(cur.manifest.name, [httpclient.InferInput(n, list(a.shape), np_to_triton_dtype(a.dtype))
+                                     .set_data_from_numpy(a) for n, a in feed.items()])
+    (st,) = client.get_inference_statistics(cur.manifest.name, str(cur.manifest.version))["model_stats"]
+    assert st["name"] == cur.manifest.name and st["version"] == str(cur.manifest.version)
+    assert st["inference_count"] == n0 + 1 and st["inference_stats"]["success"]["count"] == n0 + 1
+    assert st["inference_stats"]["success"]["ns"] > 0 and st["last_inference"] > 0
+    assert any(m["name"] == cur.manifest.name for m in client.get_inference_statistics()["model_stats"])
+
+
 def test_errors_reach_the_client_as_messages(served):
     agent, client = served
     from tritonclient.utils import InferenceServerException

@@ -31,10 +31,10 @@ from agent.serve.server import Request, Response, Server, ServerSettings, error,
 from agent.serve.service import Agent, Loaded
 
 log = logging.getLogger(__name__)
-_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/feedback)?$")
+_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/feedback|/stats)?$")
 _JSON = "application/json"
 _FIXED = {"/v2": ("GET",), "/v2/health/live": ("GET",), "/v2/health/ready": ("GET",), "/metrics": ("GET",),
-          "/predict": ("POST",)}
+          "/predict": ("POST",), "/v2/models/stats": ("GET",)}
 
 
 class App:
@@ -84,6 +84,8 @@ class App:
             return Response(200, [self.agent.metrics.prometheus(cur).encode()], "text/plain; version=0.0.4")
         if path == "/predict":
             return self._predict(req)
+        if path == "/v2/models/stats":
+            return _json({"model_stats": self.agent.metrics.triton_stats("")})
         name, version, action = m.group(1), m.group(2), m.group(3)
         if action == "/feedback":  # about a request answered before: maybe by a version no longer loaded
             return self._feedback(req, name, version)
@@ -92,6 +94,8 @@ class App:
             return _json(v2.metadata(cur.manifest, cur.runner.inputs, cur.runner.outputs))
         if action == "/ready":
             return _json({"name": name, "ready": True})
+        if action == "/stats":  # every version this agent served since it started
+            return _json({"model_stats": self.agent.metrics.triton_stats(name, version)})
         if action == "/config":
             return _json(v2.config(cur.manifest, cur.runner, self.agent.interpreters))
         return self._infer(req, cur)

@@ -51,15 +51,41 @@ class Metrics:
         self.errors: dict[tuple[str, int], int] = {}
         self.hist: dict[tuple[str, int], list[int]] = {}
         self.sum_ms: dict[tuple[str, int], float] = {}
+        self.fail_ms: dict[tuple[str, int], float] = {}
+        self.last: dict[tuple[str, int], float] = {}  # when the last request ended (epoch seconds)
 
     def observe(self, key: tuple[str, int], ms: float, ok: bool) -> None:
         with self._lock:
             self.requests[key] = self.requests.get(key, 0) + 1
+            self.last[key] = time.time()
             if not ok:
                 self.errors[key] = self.errors.get(key, 0) + 1
+                self.fail_ms[key] = self.fail_ms.get(key, 0.0) + ms
             h = self.hist.setdefault(key, [0] * (len(BUCKETS_MS) + 1))
             h[next((i for i, b in enumerate(BUCKETS_MS) if ms <= b), len(BUCKETS_MS))] += 1
             self.sum_ms[key] = self.sum_ms.get(key, 0.0) + ms
+
+    def triton_stats(self, name: str, version: str | None = None) -> list[dict[str, Any]]:
+        """Triton's statistics extension (``GET /v2/models[/{name}[/versions/{v}]]/stats``) from the same
+        counters: per version, successes and failures with their total time. A request is one execution
+        (the agent does not batch requests together)."""
+        out = []
+        with self._lock:
+            for (m, v), n in sorted(self.requests.items()):
+                if (name and m != name) or (version is not None and str(v) != version):
+                    continue
+                fails, fail_ms = self.errors.get((m, v), 0), self.fail_ms.get((m, v), 0.0)
+                ok_ns = int((self.sum_ms[(m, v)] - fail_ms) * 1e6)
+                zero = {"count": 0, "ns": 0}
+                out.append({"name": m, "version": str(v), "last_inference": int(self.last[(m, v)] * 1000),
+                            "inference_count": n - fails, "execution_count": n - fails,
+                            "inference_stats": {"success": {"count": n - fails, "ns": ok_ns},
+                                                "fail": {"count": fails, "ns": int(fail_ms * 1e6)},
+                                                "queue": zero, "compute_input": zero,
+                                                "compute_infer": {"count": n - fails, "ns": ok_ns},
+                                                "compute_output": zero},
+                            "batch_stats": []})
+        return out
 
     def prometheus(self, active: Loaded | None) -> str:
         lines = ["# HELP edgeship_requests_total Inference requests.", "# TYPE edgeship_requests_total counter"]

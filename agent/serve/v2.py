@@ -26,7 +26,7 @@ DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "ui
              "FP32": "float32", "FP64": "float64"}
 _NAMES = {v: k for k, v in DATATYPES.items()}
 MAX_REQUEST_ID = 128  # characters (agent.capture.feedback.MAX_ID: feedback names requests by it)
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "parameters", "sequence"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "parameters", "sequence", "statistics"]
 MAX_DIMS = 32
 
 
