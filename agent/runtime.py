@@ -214,6 +214,7 @@ class TFLiteModel(Model):
         self._in_idx = [d["index"] for _, d in ins]
         self._out_idx = [d["index"] for _, d in outs]
         self._shapes = {d["index"]: tuple(int(s) for s in d["shape"]) for _, d in ins}
+        self._errors = ""  # what LiteRT's error reporter said so far: it repeats every earlier message
         whole = all(len(d["shape_signature"]) and int(d["shape_signature"][0]) == -1 for _, d in ins)
         super().__init__(path, runtime, tuple(_tflite_spec(n, d) for n, d in ins),
                          tuple(_tflite_spec(n, d) for n, d in outs), whole_batch=whole)
@@ -238,7 +239,13 @@ class TFLiteModel(Model):
         try:
             it.invoke()
         except Exception as exc:
-            raise ModelError(f"{self.path.name}: inference failed ({exc})") from exc
+            said = str(exc)
+            new = said[len(self._errors):] if said.startswith(self._errors) else said
+            self._errors = said
+            new = new.strip()[:500] or type(exc).__name__
+            if "out of bounds" in new or "out of range" in new:  # e.g. a token id beyond the vocabulary
+                raise InputError(f"{self.path.name}: the model does not take this input ({new})") from exc
+            raise ModelError(f"{self.path.name}: inference failed ({new})") from exc
         return {s.name: dequantize(it.get_tensor(i), s) for s, i in zip(self.outputs, self._out_idx)}
 
     def invoke(self) -> None:

@@ -5,6 +5,7 @@ and a partial build's short error."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from toolkit.build.gate import VariantResult, gate
@@ -74,3 +75,58 @@ def test_partial_build_says_so_briefly_and_notes_unused_meta(tmp_path):
     assert res.output.count("REFUSED: rpi3-armv7 has no ONNX Runtime") == 1
     assert "--meta keys ['colour'] are not used" in res.output
     assert list((tmp_path / "o").glob("vad-v1-rpi4-arm64.bundle"))
+
+
+def test_full_int8_of_a_keras_model_with_two_inputs_calibrates_each_input(tmp_path):
+    """The converter orders a Keras model's inputs its own way ([tab, image] here): calibration samples go by
+    input name, not by position, or int8 fails (a conv fed the vector) or, with equal ranks, silently
+    calibrates each input with the other's ranges."""
+    from toolkit.build.convert_tflite import convert
+    from toolkit.build.ingest import load_source
+    from toolkit.tfenv import import_keras
+
+    keras = import_keras()
+    image = keras.Input((8, 8, 1), name="image")
+    tab = keras.Input((4,), name="tab")
+    h = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, activation="relu")(image))
+    out = keras.layers.Dense(3, activation="softmax", name="probs")(keras.layers.Concatenate()([h, tab * 100.0]))
+    keras.Model([image, tab], out).save(tmp_path / "twoin.keras")
+    rng = np.random.default_rng(0)
+    calib = [rng.random((16, 8, 8, 1), np.float32), rng.random((16, 4), np.float32) * 50]
+    source = load_source(tmp_path / "twoin.keras")
+    path = tmp_path / "int8.tflite"
+    path.write_bytes(convert(source, "int8", calib, int8_io="float"))
+
+    from agent.runtime import load_model
+
+    m = load_model(path)
+    got = m.predict({"image": calib[0][:4], "tab": calib[1][:4]})["probs"]
+    want = keras.models.load_model(tmp_path / "twoin.keras").predict([calib[0][:4], calib[1][:4]], verbose=0)
+    assert np.abs(got - want).max() < 0.1, (got, want)
+    from toolkit.build.selective import rank_layers  # the selective repair feeds the debugger the same way
+
+    assert rank_layers(source, calib)
+
+
+def test_a_token_beyond_the_vocabulary_is_the_callers_error_said_once(tmp_path):
+    """LiteRT's error reporter repeats every earlier message in the next one: each answer says only its own
+    failure; an index out of bounds (a token id beyond the vocabulary) is a 400, as ONNX Runtime's is."""
+    from agent.errors import InputError
+    from agent.runtime import load_model
+    from toolkit.build.convert_tflite import convert
+    from toolkit.build.ingest import load_source
+    from toolkit.tfenv import import_keras
+
+    keras = import_keras()
+    tokens = keras.Input((6,), dtype="int32", name="tokens")
+    out = keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(50, 4)(tokens)))
+    keras.Model(tokens, out).save(tmp_path / "text.keras")
+    (tmp_path / "m.tflite").write_bytes(convert(load_source(tmp_path / "text.keras"), "fp32", None))
+    m = load_model(tmp_path / "m.tflite")
+    assert m.predict({"tokens": np.ones((1, 6), np.int32)})
+    for _ in range(3):
+        with pytest.raises(InputError) as exc:
+            m.predict({"tokens": np.full((1, 6), 60, np.int32)})
+        assert str(exc.value).count("out of bounds") == 1, exc.value
+    assert m.predict({"tokens": np.ones((1, 6), np.int32)})  # and the interpreter still answers

@@ -33,10 +33,11 @@ def representative(source: SourceModel, calib: list[np.ndarray]):
     """One calibration sample per step, exactly as the model takes it (``agent.layout``); the converter
     quantizes float inputs only and leaves integer ones (token ids, a sample rate) alone."""
     feeds = samples([a[:CALIBRATION_SAMPLES] for a in calib], source.layout)
+    by_name = source.kind != "keras" or len(source.inputs) > 1  # the converter orders several inputs its own way
 
     def gen() -> Iterator[Any]:
         for sample in feeds:
-            yield sample if source.kind == "keras" else {s.name: x for s, x in zip(source.inputs, sample)}
+            yield {s.name: x for s, x in zip(source.inputs, sample)} if by_name else sample
     return gen
 
 

@@ -85,7 +85,8 @@ def load_dataset(path: str | Path, specs: list[IOSpec], role: str) -> Dataset:
             raise InputError(f"{where} is empty")
         inputs.append(_as_dtype(a, spec, where))
     if len({a.shape[0] for a in inputs}) > 1:
-        raise InputError(f"{role} data {path}: input arrays have different sample counts")
+        counts = ", ".join(f"{s.name!r}: {a.shape[0]}" for s, a in zip(specs, inputs))
+        raise InputError(f"{role} data {path}: input arrays have different sample counts ({counts})")
     labels = next((arrays[k] for k in LABEL_KEYS if k in arrays), None)
     if labels is not None:
         if labels.shape[0] != inputs[0].shape[0] or labels.dtype.kind not in "iu":

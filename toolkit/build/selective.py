@@ -27,14 +27,22 @@ class LayerError:
     nrmse: float
 
 
-def debug_dataset(source: SourceModel, calib: list[np.ndarray]):
+def debug_dataset(source: SourceModel, calib: list[np.ndarray], keras_model: Any = None):
     """The QuantizationDebugger feeds each sample as a list in the converted model's input order (it
-    cannot take the signature-keyed dicts the converter takes): Keras models and one-input SavedModels."""
-    if source.kind == "savedmodel" and len(source.inputs) > 1:
-        raise ConversionError("selective quantization of a SavedModel with several inputs is not supported "
-                              "(give the Keras model)")
+    cannot take the signature-keyed dicts the converter takes); with several inputs that order is read from
+    a float conversion (the converter orders them its own way)."""
     feeds = representative(source, calib)
-    return lambda: (list(f.values()) if isinstance(f, dict) else f for f in feeds())
+    if len(source.inputs) == 1:
+        return lambda: (list(f.values()) if isinstance(f, dict) else f for f in feeds())
+    tf = import_tf()
+    flat = run_converter(lambda: converter_for(source, keras_model).convert(), "float conversion")
+    names = [d["name"] for d in tf.lite.Interpreter(model_content=flat).get_input_details()]
+    order = [next((s.name for s in source.inputs if n in (s.name, f"serving_default_{s.name}:0")), None)
+             for n in names]
+    if None in order:
+        raise ConversionError(f"selective quantization: cannot match the converted inputs {names} to the "
+                              f"model's {[s.name for s in source.inputs]}")
+    return lambda: ([f[k] for k in order] for f in feeds())
 
 
 def rank_layers(source: SourceModel, calib: list[np.ndarray], keras_model: Any = None) -> list[LayerError]:
@@ -44,7 +52,7 @@ def rank_layers(source: SourceModel, calib: list[np.ndarray], keras_model: Any =
     opts = tf.lite.experimental.QuantizationDebugOptions(
         layer_direct_compare_metrics={"robust_nrmse": robust_nrmse})
     dbg = run_converter(lambda: tf.lite.experimental.QuantizationDebugger(
-        converter=conv, debug_dataset=debug_dataset(source, calib), debug_options=opts),
+        converter=conv, debug_dataset=debug_dataset(source, calib, keras_model), debug_options=opts),
         "quantization debugger")
     run_converter(dbg.run, "quantization debugger run")
     buf = io.StringIO()
@@ -62,13 +70,16 @@ def robust_nrmse(float_tensors: list[np.ndarray], quant_tensors: list[np.ndarray
     still under one step, but the step is larger than most values); excluding the outliers from the
     reference magnitude exposes it.
     """
-    f = np.concatenate([np.asarray(t, np.float64).ravel() for t in float_tensors])
-    q = np.concatenate([np.asarray(t, np.float64).ravel() for t in quant_tensors])
-    deq = (q - zero_point) * scale
-    err = float(np.sqrt(np.mean((deq - f) ** 2)))
-    mag = np.abs(f)
-    typical = f[mag <= np.quantile(mag, 0.99)] if f.size else f
-    ref = float(np.sqrt(np.mean(typical ** 2))) if typical.size else 0.0
+    with np.errstate(all="ignore"):  # a NaN/Inf float activation ranks the layer worst, quietly
+        f = np.concatenate([np.asarray(t, np.float64).ravel() for t in float_tensors])
+        q = np.concatenate([np.asarray(t, np.float64).ravel() for t in quant_tensors])
+        if not (np.isfinite(f).all() and np.isfinite(q).all()):
+            return float("inf")
+        deq = (q - zero_point) * scale
+        err = float(np.sqrt(np.mean((deq - f) ** 2)))
+        mag = np.abs(f)
+        typical = f[mag <= np.quantile(mag, 0.99)] if f.size else f
+        ref = float(np.sqrt(np.mean(typical ** 2))) if typical.size else 0.0
     return err / max(ref, 1e-12)
 
 
@@ -79,7 +90,7 @@ def build_selective(source: SourceModel, calib: list[np.ndarray], denylist: list
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=denylist)
     dbg = run_converter(lambda: tf.lite.experimental.QuantizationDebugger(
-        converter=conv, debug_dataset=debug_dataset(source, calib), debug_options=opts),
+        converter=conv, debug_dataset=debug_dataset(source, calib, keras_model), debug_options=opts),
         "selective quantization")
     return run_converter(dbg.get_nondebug_quantized_model, "selective quantization")
 
