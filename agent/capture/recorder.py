@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from agent.capture.feedback import MAX_ID
+from agent.errors import HTTPError
 from agent.capture.policy import CaptureConfig, Decider, confidence
 from agent.fleet.capture_wire import encode_record, pack
 from agent.fleet.outbox import Outbox, publish_acked
@@ -143,7 +145,10 @@ class Capture:
         """Queue a field label for a request this agent answered (sent home with the labels outbox)."""
         doc = label_doc("", request_id, rec.model, rec.version, rec.t, labels, list(rec.predicted),
                         list(rec.confidence), rec.captured)
-        self.labels.put("", doc)
+        try:
+            self.labels.put("", doc)
+        except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: the client hears it, the agent goes on
+            raise HTTPError(507, f"{LABELS_FILE}: the label could not be stored ({exc}); nothing was kept") from exc
         self._wake.set()
 
     def status(self) -> dict[str, Any]:
@@ -185,8 +190,8 @@ class Capture:
         if used + len(blob) > self.cfg.budget_bytes:
             self.outbox.add("over_budget", 1)
             return
-        self._spent = (day, used + len(blob))  # kept in memory, saved with the record in one transaction
         self.outbox.put_raw("", blob, {"budget_day": day, "budget_used": used + len(blob)})
+        self._spent = (day, used + len(blob))  # once stored: saved with the record in one transaction
 
     def _budget(self, t: float) -> tuple[int, int]:
         """(UTC day, bytes captured that day): a new day starts from zero."""

@@ -24,10 +24,21 @@ STATE_FILE = "fleet.json"  # in the state dir: last desired state, its seq, inst
 
 
 def load_state(state_dir: Path) -> dict[str, Any]:
+    """The fleet state; an unreadable one (damaged, not an object) starts over, saying so: the device then
+    follows the retained desired state again and reports what it serves."""
+    path = state_dir / STATE_FILE
     try:
-        return json.loads((state_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {"seq": 0, "installed_sha256": None}
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        doc = None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); starting from an empty fleet state", path, type(exc).__name__)
+        doc = None
+    else:
+        if not isinstance(doc, dict) or not isinstance(doc.get("desired") or {}, dict):
+            log.warning("%s does not hold a fleet state; starting from an empty one", path)
+            doc = None
+    return doc if doc is not None else {"seq": 0, "installed_sha256": None}
 
 
 def save_state(state_dir: Path, doc: dict[str, Any]) -> None:

@@ -61,6 +61,7 @@ class FleetLink:
         self.trust = keyring if isinstance(keyring, Trust) else None  # follows the fleet's keyring
         self.keyring_topic = keyring_topic(fleet) if self.trust else None
         self._stale = ""  # the expiry note last reported
+        self._keyring_pending: bytes | None = None  # a keyring that could not be saved yet
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, msg: self.q.put((msg.topic, msg.payload))
         self.transfer = Transfer(agent, self.client, fleet, agent.store.dir / "downloads", self._install)
@@ -119,6 +120,8 @@ class FleetLink:
             self.transfer.count(topic, payload)
             try:
                 if topic == "$check":
+                    if self._keyring_pending is not None:
+                        self._on_keyring(self.keyring_topic or "", self._keyring_pending)
                     if expired(self._load()) != self._stale:
                         self._report()
                 elif topic == self.keyring_topic:
@@ -192,7 +195,19 @@ class FleetLink:
         save_state(self.agent.store.dir, doc)
 
     def _on_keyring(self, topic: str, payload: bytes) -> None:
-        if not payload or self.trust is None or self.trust.offer(payload, topic) is None:
+        if not payload or self.trust is None:
+            return
+        try:
+            accepted = self.trust.offer(payload, topic)
+        except OSError as exc:  # not saved (a full disk): reported, and tried again every CHECK_S
+            self._keyring_pending = payload
+            self._report(error=f"keyring update not saved ({exc}); retrying")
+            return
+        except ProtocolError:
+            self._keyring_pending = None
+            raise
+        was_pending, self._keyring_pending = self._keyring_pending is not None, None
+        if accepted is None and not was_pending:
             return
         self._report()
         # desired states and capture requests signed by a key this keyring added may have been refused before
@@ -251,10 +266,10 @@ class FleetLink:
         if req.target not in (f"device:{self.device}", f"group:{self.group}") or req.seq <= self._capture_seq:
             return
         until = min(req.until, time.time() + 60 * MAX_CAPTURE_MINUTES)  # a clock far ahead: at most a day
-        self._capture_seq = req.seq
         st = self._load()
         st["capture"] = {"seq": req.seq, "until": until, "url": req.url}
-        self._save(st)
+        self._save(st)  # first: a request not saved (full disk) is applied when the broker sends it again
+        self._capture_seq = req.seq
         self.agent.capture.everything_until = until
         self.agent.capture.upload_url = req.url
         log.info("capture request: every request until %s; records go %s", time.strftime(

@@ -15,6 +15,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,29 @@ class Outbox:
         """``max_bytes`` (0: no byte bound) bounds the payload bytes queued as well."""
         self.max_records, self.max_bytes = max(1, max_records), max(0, max_bytes)
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = self._open(path)
+        except sqlite3.DatabaseError as exc:  # a damaged queue must not keep the agent from serving
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            log.error("%s is damaged (%s): moved to %s, starting an empty queue", path, exc, aside.name)
+            for suffix in ("", "-wal", "-shm"):
+                p = Path(f"{path}{suffix}")
+                if p.exists():
+                    p.rename(Path(f"{aside}{suffix}"))
+            self.db = self._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+            db.executescript(SCHEMA)
+            db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._lock:
