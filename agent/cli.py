@@ -214,7 +214,16 @@ def status(state_dir: Path, keyring: Path, root_key: Path | None, model_key: Pat
     the running agent, or reads the state dir without recovering or writing anything."""
     from agent import control, status as st
 
-    doc = control.call(state_dir, {"op": "status"}) or st.report(state_dir)
+    doc = control.call(state_dir, {"op": "status"})
+    if doc is None:
+        doc = st.report(state_dir)
+        if root_key is not None:  # the keyring a start would trust (read only, like the rest)
+            from agent.trust import load_trust
+
+            try:
+                doc["keyring"] = load_trust(keyring, root_key, state_dir).status()
+            except AgentError as exc:
+                doc["keyring"] = {"error": str(exc)}
     click.echo(json.dumps(doc, default=str))
 
 

@@ -69,6 +69,10 @@ def test_keyring_updates_only_from_the_root_and_only_upwards(tmp_path, keys):
         t.verify(*_signed(keys, "k1"), "m")
     again = load_trust(ring, root, state)  # a restart: the provisioned v1 is older than the saved v3
     assert again.doc.version == 3 and again.status()["revoked"] == [keys["k1"].key_id]
+    from agentproc import run_cli  # what `status` says without a running agent: the keyring a start trusts
+
+    doc = json.loads(run_cli("status", "--state-dir", state, "--keyring", ring, "--root-key", root).stdout)
+    assert doc["agent"]["running"] is False and doc["keyring"]["version"] == 3
     (state / "keyring.json").write_bytes(_ring(keys, 7, ["evil"], signer="evil"))  # planted, not the root's
     assert load_trust(ring, root, state).doc.version == 1
 
