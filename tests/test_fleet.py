@@ -347,15 +347,23 @@ def _observed_rollout(tmp_path, broker, keyring, signing_key, v1, v2, names, fee
             link.stop()
 
 
-def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyring, signing_key, fleet_bundles,
+def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyring, signing_key, digits_build,
                                                           digits):
     """Every device installs v2 fine, but on the canary v2 fails a third of the requests it serves (its answer
     overflows to NaN on inputs at the edge of float32: a model failure, unlike a malformed request, which is
-    the client's and not counted) -> the telemetry verdict halts and rolls it back."""
+    the client's and not counted) -> the telemetry verdict halts and rolls it back. The build's fp32 LiteRT
+    variant, bundled as v1 and v2: an int8 one (which the build may choose) clips such inputs instead."""
     import numpy as np
+
+    from conftest import DEVICE_ARCH
+    from modelkit import make_bundle
 
     with np.load(digits["validation"]) as v:
         x = v["image"].astype(np.float32)
+    fp32 = next(v.file for p in digits_build.profiles if p.profile.name == "rpi4-arm64" for v in p.variants
+                if v.runtime == "litert" and v.precision == "fp32")
+    v1, v2 = (make_bundle(tmp_path / f"v{n}.bundle", signing_key, fp32.read_bytes(), {"image": x[:2]},
+                          fmt="tflite", name="digits", version=n, arch=DEVICE_ARCH) for n in (1, 2))
 
     def feed(a, i):
         f = x[i % 100:][:2]
@@ -363,8 +371,7 @@ def test_canary_with_worse_error_rate_halts_on_telemetry(tmp_path, broker, keyri
             f = np.full_like(f, 3e38)  # the v2 "regression": its answer is NaN here (withheld, an error)
         return f
 
-    r = _observed_rollout(tmp_path, broker, keyring, signing_key, fleet_bundles["v1"], fleet_bundles["v2"],
-                          ("g-a", "g-b", "g-c"), feed)
+    r = _observed_rollout(tmp_path, broker, keyring, signing_key, v1, v2, ("g-a", "g-b", "g-c"), feed)
     assert r["state"] == "halted" and "error rate" in r["error"], r
 
 

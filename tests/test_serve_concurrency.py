@@ -83,4 +83,5 @@ def test_hot_swap_over_http_has_zero_failed_requests(fleet_bundles, signing_key,
     assert not failed, failed[:3]
     assert {v for _, v in answers} == {"1", "2", "3"}
     assert all(s[-1] == (200, "2") for s in seen)  # after the rollback, v2 answers
-    assert all(sum(m) > 0 for m in marks), marks  # requests were in flight during each install
+    assert all(sum(m) > 0 for m in marks[:2]), marks  # requests were in flight during each install (a rollback
+    # only switches slots: it can end between two answers)
